@@ -190,8 +190,8 @@ def user_password(text: str) -> str:
         )
     if text == MOODLE_FORCED_CHANGE_PASSWORD:
         raise argparse.ArgumentTypeError(
-            f"{MOODLE_FORCED_CHANGE_PASSWORD!r} makes Moodle force a password change"
-            " at login; choose another"
+            "is the one password for which Moodle forces a password change at"
+            " login; choose another"
         )
     return text
 
