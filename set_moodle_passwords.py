@@ -2,12 +2,13 @@
 """Give a set of Moodle test users one known password and list them in config.json.
 
 The load generator logs in as real users of a Moodle test site, so before a load test
-those users need a password it knows. This script picks the users a load test can use
-from the site's PostgreSQL database, writes one bcrypt hash of the password into them,
-removes the preferences that would block or redirect their login, and writes them with
-the plain password into the `users` key of config.json. The database changes happen in
-one transaction, and the new config file is prepared before the commit and renamed into
-place after it, so a failure leaves both as they were.
+those users need a password that the load generator has. This script picks the users
+a load test can use from the site's PostgreSQL database, writes one bcrypt hash of the
+password into them, and removes the preferences that would block or redirect their
+login. It writes the users with the plain password into the `users` key of
+config.json. The database changes happen in one transaction, and the new config file
+is prepared before the commit and renamed into place after it, so a failure leaves
+both as they were.
 
 Usage:
     set_moodle_passwords.py --db-name moodle --db-user moodle --prefix m_ \\
@@ -55,20 +56,21 @@ from psycopg2 import sql
 
 LOG = logging.getLogger("set_moodle_passwords")
 
-# bcrypt reads at most 72 bytes of the password; longer ones would be cut silently.
+# bcrypt uses only the first 72 bytes of a password, and Python's bcrypt 5 raises
+# ValueError for longer ones.
 BCRYPT_MAX_PASSWORD_BYTES = 72
 # Cost range that bcrypt's salt format and PHP's password_verify accept.
 BCRYPT_MIN_COST = 4
 BCRYPT_MAX_COST = 31
-# PHP writes $2y$ and every PHP version Moodle runs on verifies it. Python's bcrypt
-# writes $2b$, the same algorithm under OpenBSD's name.
+# PHP's password_hash writes $2y$, so every PHP that Moodle 4 and 5 run on verifies
+# it. Python's bcrypt writes $2b$, which is the same algorithm under OpenBSD's name.
 PHP_BCRYPT_PREFIX = "$2y$"
-# Moodle's installer accepts table prefixes of this form; anything else is rejected
-# before it gets near an SQL statement.
+# Table prefixes look like mdl_ or m_. Anything else is rejected before it can reach
+# an SQL statement.
 PREFIX_PATTERN = re.compile(r"[a-z0-9_]*")
 # Moodle forces a password change at login for a manual user whose password is this.
 MOODLE_FORCED_CHANGE_PASSWORD = "changeme"
-# User preferences that make Moodle 5.1 refuse the login (lockout) or redirect it to
+# User preferences that make Moodle 5.1 reject the login (lockout) or redirect it to
 # the password change page.
 BLOCKING_PREFERENCES = (
     "auth_forcepasswordchange",
@@ -82,7 +84,7 @@ BLOCKING_PREFERENCES = (
 CONFIG_SITEADMINS = "siteadmins"
 CONFIG_MNET_LOCALHOST_ID = "mnet_localhost_id"
 CONFIG_POLICY_CHECK_ON_LOGIN = "passwordpolicycheckonlogin"
-# libpq waits forever on an unreachable host unless told otherwise.
+# Without connect_timeout, libpq waits as long as the kernel does for a silent host.
 CONNECT_TIMEOUT_S = 10
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = "5432"
@@ -102,7 +104,7 @@ class SetPasswordsError(Exception):
 
 @dataclass(frozen=True)
 class Connection:
-    """Where to connect, resolved the way libpq resolves it, for messages and connect.
+    """Connection parameters after libpq's fallbacks, for connect() and messages.
 
     password is None when it should come from PGPASSWORD or the password file.
     """
@@ -617,11 +619,12 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("error: %s", redact(str(err), [args.password, args.db_pass]))
         return 1
     except psycopg2.Error as err:
-        LOG.error("error: the database failed: %s; nothing was changed",
+        LOG.error("error: a database statement failed: %s; nothing was changed,"
+                  " check the database and run again",
                   redact(database_reason(err), [args.password, args.db_pass]))
         return 1
     except KeyboardInterrupt:
-        LOG.error("error: interrupted, nothing was changed")
+        LOG.error("error: interrupted; an open transaction was rolled back")
         return 130
     finally:
         if conn is not None:

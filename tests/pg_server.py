@@ -3,9 +3,9 @@
 start_server() runs initdb and pg_ctl into a new temporary folder and starts the
 server on a free port of 127.0.0.1, with its Unix socket in the same folder. initdb
 rejects root, so as root the folder is given to the `postgres` user and the server runs
-as that user. The superuser `postgres` connects through the socket without a password;
-the role `moodle` connects over TCP with a password (scram-sha-256), so that tests can
-pass the password as an option, in PGPASSWORD or in a password file.
+as that user. The superuser `postgres` connects through the socket without a password.
+The role `moodle` connects over TCP with a scram-sha-256 password, so tests can pass
+that password as an option, in PGPASSWORD or in a password file.
 
 create_moodle_database() creates a database owned by `moodle` with the user,
 user_preferences and config tables of Moodle 5.1, guest, admin and any number of
@@ -62,7 +62,7 @@ USER_COLUMNS = (
 
 
 class ServerUnavailable(RuntimeError):
-    """The server cannot be started here; the message says why, for a skip."""
+    """The server cannot be started here; the message is the reason the tests skip."""
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Tests of set_moodle_passwords.py against a real PostgreSQL server and PHP.
 
-Every database test gets its own copy of a template database whose rows are like
-those of a Moodle 5.1 test site: guest, two site admins, generated users, and users a
-load test must not touch (deleted, suspended, of another MNet host). The script runs
-as a subprocess, as an operator runs it, so exit codes, stdout and stderr are checked
-as they are.
+Every database test gets its own copy of a template database with rows like those of
+a Moodle 5.1 test site. Besides guest, two site admins and generated users, it has
+users a load test must not touch: deleted, suspended, of another MNet host. The script
+runs as a subprocess, as an operator runs it, so exit codes, stdout and stderr are
+checked as they are.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def db_options(server: pg_server.PgServer, name: str) -> list[str]:
 def run_script(
     args: list[str], env: dict[str, str], secrets: tuple[str, ...] = (PASSWORD,)
 ) -> subprocess.CompletedProcess[str]:
-    """Run the script; check that no output holds a traceback or a secret."""
+    """Run the script; check that no output contains a traceback or a secret."""
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         env=env, capture_output=True, text=True, timeout=120,
