@@ -329,12 +329,20 @@ def test_run_multibyte_and_72_byte_passwords(server, db, clean_env, tmp_path, pa
     assert json.loads(config.read_text("utf-8"))["users"][0]["password"] == password
 
 
-def test_run_where_with_percent(server, db, clean_env, tmp_path):
+@pytest.mark.parametrize(
+    "where",
+    [
+        "username LIKE 'tool_generator_%'",
+        "username LIKE 'tool_generator_%' -- a trailing comment",
+        "username LIKE 'tool\\_generator\\_%' AND email LIKE '%@example.invalid'",
+    ],
+)
+def test_run_where_with_percent(server, db, clean_env, tmp_path, where):
     before = user_rows(server, db)
     config = tmp_path / "c.json"
 
     result = run_on(server, db, clean_env, "--count", "7", "--config", str(config),
-                    "--where", "username LIKE 'tool_generator_%'")  # fmt: skip
+                    "--where", where)  # fmt: skip
 
     assert result.returncode == 0, result.stderr
     chosen = [3, 4, 5, 7, 8, 9, 14]
