@@ -20,3 +20,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
         report.longrepr = f"skipped under CI=true, which requires it: {reason}"
+
+pytest_plugins = ["tests.moodle_site"]
