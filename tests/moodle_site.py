@@ -27,7 +27,7 @@ import signal
 import string
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
@@ -400,50 +400,51 @@ def login_main(wwwroot: str, *, error: bool, heading: str = "") -> str:
             f' boxaligncenter"><p>An email should have been sent to your address.'
             f" It contains easy instructions to complete your registration.</p></div>"
         )
+    # Trailing backslashes keep Moodle's one-line tags intact in the output.
     return f"""{heading}<div class="container-fluid h-100"><div class="row h-100">
 <div class="col-12 col-md-6 col-xl-4 mx-auto">
 <div class="loginform">
     <div class="login-heading mb-4"><h2 class="h3">Log in to {SITE_NAME}</h2></div>
-{alert}        <form class="login-form" action="{wwwroot}/login/index.php"
-    method="post" id="login">
+{alert}        <form class="login-form" action="{wwwroot}/login/index.php" \
+method="post" id="login">
             <input id="anchor" type="hidden" name="anchor" value="">
             <script>document.getElementById('anchor').value = location.hash;</script>
             <input type="hidden" name="logintoken" value="{token}">
             <div class="login-form-username mb-3">
                 <label for="username" class="visually-hidden">Username</label>
-                <input type="text" name="username" id="username" class="form-control
-                    form-control-lg" value="" placeholder="Username"
-                    autocomplete="username">
+                <input type="text" name="username" id="username" \
+class="form-control form-control-lg" value="" placeholder="Username" \
+autocomplete="username">
             </div>
             <div class="login-form-password mb-3">
                 <label for="password" class="visually-hidden">Password</label>
-                <input type="password" name="password" id="password" value=""
-                    class="form-control form-control-lg" placeholder="Password"
-                    autocomplete="current-password">
+                <input type="password" name="password" id="password" value="" \
+class="form-control form-control-lg" placeholder="Password" \
+autocomplete="current-password">
             </div>
             <div class="login-form-submit mb-3">
-                <button class="btn btn-primary btn-lg" type="submit"
-                    id="loginbtn">Log in</button>
+                <button class="btn btn-primary btn-lg" type="submit" \
+id="loginbtn">Log in</button>
             </div>
             <div class="login-form-forgotpassword mb-3">
                 <a href="{wwwroot}/login/forgot_password.php">Lost password?</a>
             </div>
         </form>
     <div class="login-divider"></div>
-    <div class="login-instructions mb-3"><h2 class="login-heading">Some courses may
-        allow guest access</h2>
+    <div class="login-instructions mb-3"><h2 class="login-heading">Some courses \
+may allow guest access</h2>
         <form action="{wwwroot}/login/index.php" method="post" id="guestlogin">
             <input type="hidden" name="logintoken" value="{token}">
             <input type="hidden" name="username" value="guest" />
             <input type="hidden" name="password" value="guest" />
-            <button class="btn btn-secondary" type="submit" id="loginguestbtn">Access
-                as a guest</button>
+            <button class="btn btn-secondary" type="submit" \
+id="loginguestbtn">Access as a guest</button>
         </form>
     </div>
-    <div class="d-flex"><button type="button" class="btn btn-secondary"
-        data-modal="alert" data-modal-title-str='["cookiesenabled", "core"]'
-        data-modal-content-str='["cookiesenabled_help_html", "core"]'>Cookies
-        notice</button></div>
+    <div class="d-flex"><button type="button" class="btn btn-secondary" \
+data-modal="alert" data-modal-title-str='["cookiesenabled", "core"]' \
+data-modal-content-str='["cookiesenabled_help_html", "core"]'>Cookies notice\
+</button></div>
 </div></div></div></div>
 """
 
@@ -484,16 +485,10 @@ def course_main(wwwroot: str, course_id: int) -> str:
         for cmid in cmids[first:first + per_section]:
             kind = module_kind(cmid)
             items.append(
-                f'<li class="activity activity-wrapper {kind} modtype_{kind}"'
-                f' id="module-{cmid}" data-for="cmitem" data-id="{cmid}">'
-                f'<div class="activity-item focus-control" data-activityname='
-                f'"Test {kind} {cmid}"><div class="activity-basis d-flex'
-                f' align-items-center"><div class="activityiconcontainer {kind}'
-                f' courseicon me-3"><img src="{wwwroot}/theme/image.php/boost/'
-                f'{kind}/1796382297/monologo" class="activityicon" alt=""></div>'
-                f'<div class="activityname"><a href="{wwwroot}/mod/{kind}/view.php'
-                f'?id={cmid}" class="aalink stretched-link"><span class="instancename">'
-                f"Test {kind} {cmid}</span></a></div></div></div></li>"
+                f'<li class="activity {kind} modtype_{kind}" id="module-{cmid}"'
+                f' data-id="{cmid}"><div class="activityname"><a href="{wwwroot}'
+                f'/mod/{kind}/view.php?id={cmid}" class="aalink"><span'
+                f' class="instancename">Test {kind} {cmid}</span></a></div></li>'
             )
         sections.append(
             f'<li id="section-{number}" class="section course-section main clearfix"'
@@ -736,7 +731,7 @@ class RequestContext:
     set_cookies: list[str] = field(default_factory=list)
 
 
-Handler = Callable[[RequestContext], Any]
+Handler = Callable[[RequestContext], Awaitable[web.Response]]
 
 
 class MoodleSite:
@@ -1119,7 +1114,7 @@ class MoodleSite:
             return self._redirect(ctx, "/login/change_password.php")
         expires = email.utils.formatdate(
             time.time() + MOODLEID_MAX_AGE_S, usegmt=True
-        ).replace(",", ",", 1)
+        )
         remembered = random_string(TOKEN_ALPHABET, 86)
         ctx.set_cookies.append(
             "MOODLEID1_=deleted; expires=Thu, 01 Jan 1970 00:00:01 GMT; Max-Age=0;"
@@ -1132,7 +1127,6 @@ class MoodleSite:
         return self._redirect(ctx, f"/login/index.php?testsession={user.id}")
 
     def _already_logged_in(self, ctx: RequestContext, user: SiteUser) -> web.Response:
-        session = self._ensure_session(ctx)
         root = self.base_url
         message = f"You are already logged in as {full_name(user)}, you need to log"
         message += " out before logging in as different user."
@@ -1146,8 +1140,7 @@ class MoodleSite:
                 logged_in=True,
             )
 
-        return self._page(ctx, ("already", session.user.id if session.user else 0),
-                          build, perf_kind="login")
+        return self._page(ctx, ("already", user.id), build, perf_kind="login")
 
     async def _logout(self, ctx: RequestContext) -> web.Response:
         session = ctx.session
