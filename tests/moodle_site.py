@@ -8,7 +8,8 @@ element a client reads is where Moodle puts it.
 Usage: python tests/moodle_site.py --host 127.0.0.1 --port 8080 [--perf-footer]
 
 In tests, use the `moodle_site` pytest fixture or `MoodleSite` directly. Exit codes of
-the standalone server: 0 after SIGINT or SIGTERM, 2 for invalid arguments.
+the standalone server: 0 after SIGINT or SIGTERM, 1 when the port cannot be bound,
+2 for invalid arguments.
 
 Known limits: no real database, no password hashing, no guest-specific rules beyond
 the guest profile notice, and sessions never time out on their own (call
@@ -21,7 +22,9 @@ import argparse
 import asyncio
 import collections
 import email.utils
+import ipaddress
 import logging
+import math
 import random
 import signal
 import string
@@ -57,11 +60,10 @@ MOODLEID_MAX_AGE_S = 60 * 24 * 3600
 SITE_COURSE_ID = 1
 NOT_ENROLLED_COURSES = range(2, 10)
 ENROLLED_COURSES = range(10, 14)
-# The generator made 5 course modules per "XS" course and 64 per "S" course; the
-# forum is the last module of each course.
+# The generator made 5 course modules per "XS" course and 64 per "S" course, and
+# the forum is the last module of each course.
 XS_MODULES_PER_COURSE = 5
 S_MODULES_PER_COURSE = 64
-LAST_CMID = 296
 SITE_ADMIN_IDS = frozenset({2})
 
 MSG_INVALID_LOGIN = "Invalid login, please try again"
@@ -74,7 +76,8 @@ MSG_FORCED_CHANGE = "You must change your password to proceed."
 SLOT = "\x00"
 
 # Performance footer figures per page kind, from a recorded Moodle 5.1 site with
-# perfdebug=15 on a 2-core VM (second visit of each page, warm caches).
+# perfdebug=15 on a 2-core VM (second visit of each page, warm caches). The "other"
+# figures (forum, profile, error pages) are an estimate between those recorded.
 DEFAULT_PERF: dict[str, dict[str, float]] = {
     "login": {"time_s": 0.019487, "ram_mb": 2.4, "included": 366, "db_reads": 6,
               "db_writes": 1, "db_time_s": 0.00373},
@@ -156,7 +159,7 @@ def module_course(cmid: int) -> int | None:
 
 
 def module_kind(cmid: int) -> str:
-    """Return the module type; the last module of every course is its forum."""
+    """Return the module type. The last module of every course is its forum."""
     course_id = module_course(cmid)
     if course_id is not None and cmid == course_modules(course_id)[-1]:
         return "forum"
@@ -164,7 +167,7 @@ def module_kind(cmid: int) -> str:
 
 
 def random_string(alphabet: str, length: int) -> str:
-    """Return a random string; test ids need no cryptographic strength."""
+    """Return a random string. Test ids need no cryptographic strength."""
     return "".join(random.choices(alphabet, k=length))
 
 
@@ -179,8 +182,8 @@ class MoodleSession:
     user: SiteUser | None = None
     login_token: str | None = None
     wants_url: str | None = None
-    # Set when the browser sent a cookie the site no longer knows: the next login
-    # page says the session timed out.
+    # Set when the browser sent a cookie of no stored session, so that the next
+    # login page reports a timed-out session.
     timed_out: bool = False
     login_error: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -222,7 +225,7 @@ def layout(
     course_id: int = SITE_COURSE_ID,
     nav_html: str = "",
 ) -> str:
-    """Return a full page with slots for sesskey, userid, fullname and perf."""
+    """Return a full page with slots for sesskey, userid, initials, logininfo, perf."""
     escaped_root = wwwroot.replace("/", "\\/")
     head_title = f"{title} | {SITE_NAME}" if title else ""
     state = "" if logged_in else " notloggedin"
@@ -735,7 +738,7 @@ Handler = Callable[[RequestContext], Awaitable[web.Response]]
 
 
 class MoodleSite:
-    """An aiohttp application that answers like the recorded Moodle 5.1 site.
+    """An aiohttp application that responds like the recorded Moodle 5.1 site.
 
     Every request that carries a known session cookie holds that session's lock for
     its whole duration, as Moodle's file session handler does, and the site records
@@ -753,6 +756,7 @@ class MoodleSite:
         self.users = users if users is not None else default_users()
         self._users_by_name = {user.username: user for user in self.users}
         self._users_by_id = {user.id: user for user in self.users}
+
         self.host = host
         self.perf_footer = perf_footer
         self.page_delay_s = page_delay_s
@@ -765,11 +769,13 @@ class MoodleSite:
         self._stall_s = 0.0
         self._stall_count = 0
         self._runner: web.AppRunner | None = None
+
         # Observations for tests.
         self.max_in_flight_per_session = 0
         self.logins: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
         self.stall_started = asyncio.Event()
+
         self._routes: dict[str, Handler] = {
             "/": self._site_home,
             "/index.php": self._site_home,
@@ -789,7 +795,7 @@ class MoodleSite:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self, port: int = 0) -> str:
-        """Start listening on host:port (0 picks a free port); return the base URL."""
+        """Listen on host:port (port 0 picks a free one) and return the base URL."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, port)
@@ -1247,7 +1253,8 @@ class MoodleSite:
             )
         course_id = module_course(cmid)
         if course_id is None or module_kind(cmid) != "forum":
-            # Moodle's forum view cannot tell a missing module from another type.
+            # NOTE: the recording has only a missing cmid. A module of another
+            # type is assumed to get the same missing-forum error.
             return self._fatal_error(
                 ctx,
                 f"error/Unable to find forum with cmid {cmid}",
@@ -1350,13 +1357,39 @@ if pytest_asyncio is not None:
             await site.close()
 
 
+def loopback_host(value: str) -> str:
+    """Accept only loopback addresses, so the test site is never exposed."""
+    try:
+        is_loopback = ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        is_loopback = value == "localhost"
+    if not is_loopback:
+        raise argparse.ArgumentTypeError(
+            f"invalid host {value!r}: use a loopback address such as 127.0.0.1 or ::1"
+        )
+    return value
+
+
+def delay_ms(value: str) -> float:
+    try:
+        delay = float(value)
+    except ValueError:
+        delay = -1.0
+    if not (math.isfinite(delay) and delay >= 0):
+        raise argparse.ArgumentTypeError(
+            f"invalid delay {value!r}: give milliseconds, 0 or more"
+        )
+    return delay
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Serve a local site that behaves like Moodle 5.1, for load tests."
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", metavar="ADDR",
-        help="loopback address to listen on and use as wwwroot (default 127.0.0.1)",
+        "--host", type=loopback_host, default="127.0.0.1", metavar="ADDR",
+        help="loopback address to listen on, also the site's wwwroot host"
+        " (default 127.0.0.1)",
     )
     parser.add_argument(
         "--port", type=int, default=8080, metavar="PORT",
@@ -1367,15 +1400,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="end each page with Moodle's performance footer (div.performanceinfo)",
     )
     parser.add_argument(
-        "--page-delay-ms", type=float, default=0.0, metavar="MS",
+        "--page-delay-ms", type=delay_ms, default=0.0, metavar="MS",
         help="extra time each logged-in page takes while holding its session lock,"
-        " in milliseconds (default 0)",
+        " in milliseconds (default 0: no delay)",
     )
     return parser
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run the site until SIGINT or SIGTERM."""
+async def serve(args: argparse.Namespace) -> int:
+    """Run the site until SIGINT or SIGTERM; return the exit code."""
     site = MoodleSite(
         host=args.host, perf_footer=args.perf_footer,
         page_delay_s=args.page_delay_ms / 1000,
@@ -1384,24 +1417,28 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    url = await site.start(args.port)
+    try:
+        url = await site.start(args.port)
+    except OSError as err:
+        await site.close()
+        log.error(
+            "error: could not listen on %s port %s (%s), choose another --port",
+            args.host, args.port, err,
+        )
+        return 1
     log.info("listening on %s", url)
     try:
         await stop.wait()
     finally:
         await site.close()
     log.info("stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.page_delay_ms < 0:
-        build_parser().error(
-            f"--page-delay-ms must be 0 or more, got {args.page_delay_ms}"
-        )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    asyncio.run(serve(args))
-    return 0
+    return asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

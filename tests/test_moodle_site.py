@@ -122,7 +122,7 @@ class Browser:
         return None
 
 
-def test_users() -> list[SiteUser]:
+def users_with_flags() -> list[SiteUser]:
     """Return the default users with one of each blocking flag set."""
     users = default_users()
     flags = {
@@ -138,12 +138,10 @@ def test_users() -> list[SiteUser]:
     return users
 
 
-test_users.__test__ = False  # a helper, not a test
-
 
 @pytest_asyncio.fixture
 async def site() -> AsyncIterator[MoodleSite]:
-    server = MoodleSite(test_users())
+    server = MoodleSite(users_with_flags())
     await server.start()
     try:
         yield server
@@ -751,3 +749,32 @@ async def test_standalone_sigterm() -> None:
 
     assert returncode == 0
     assert "Traceback" not in rest
+
+
+async def test_standalone_port_in_use(site: MoodleSite) -> None:
+    port = site.base_url.rsplit(":", 1)[1]
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(SERVER_SCRIPT), "--port", port,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+
+    assert process.returncode == 1
+    assert f"could not listen on 127.0.0.1 port {port}" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--host", "192.0.2.1"], ["--page-delay-ms", "-1"], ["--page-delay-ms", "inf"]],
+)
+async def test_standalone_invalid_argument(arguments: list[str]) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(SERVER_SCRIPT), *arguments,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+
+    assert process.returncode == 2
+    assert "invalid" in stderr.decode()
