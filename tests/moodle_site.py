@@ -807,6 +807,7 @@ class MoodleSite:
         return self.base_url
 
     async def close(self) -> None:
+        """Stop listening and close open connections; the site can start again."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

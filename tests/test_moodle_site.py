@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
+from multidict import CIMultiDictProxy
 
 from tests.moodle_site import (
     MSG_FORCED_CHANGE,
@@ -47,7 +48,7 @@ class Reply:
     """One response, read in full, with what the tests look at."""
 
     status: int
-    headers: aiohttp.typedefs.LooseHeaders
+    headers: CIMultiDictProxy[str]
     set_cookies: list[str]
     body: str
 
@@ -69,7 +70,7 @@ class Reply:
 
 
 class Browser:
-    """A cookie-keeping client that does one request at a time and never redirects."""
+    """A client that keeps cookies, as a browser does, but never follows redirects."""
 
     def __init__(self, site: MoodleSite, client: aiohttp.ClientSession) -> None:
         self.site = site
@@ -108,7 +109,7 @@ class Browser:
         return await self.request("POST", "/login/index.php", data=data)
 
     async def login(self, username: str, password: str = PASSWORD) -> Reply:
-        """Log in and follow the chain to the first page; return that page."""
+        """Log in, follow the redirect chain and return the page it ends on."""
         reply = await self.post_login(username, password)
         while reply.status == 303:
             assert reply.location
@@ -185,6 +186,7 @@ async def test_login_page_fresh(browser: Browser, site: MoodleSite) -> None:
     reply = await browser.get("/login/index.php")
 
     assert reply.status == 200
+    assert reply.headers.get("Content-Type") == "text/html; charset=utf-8"
     assert len(reply.set_cookies) == 1
     assert SESSION_COOKIE_RE.match(reply.set_cookies[0])
     assert reply.body_id == "page-login-index"
@@ -644,6 +646,29 @@ async def test_stall_skips_login(browser: Browser, site: MoodleSite) -> None:
     assert_redirect(tested, site, "/my/")
     assert logout.status == 200
     assert not site.stall_started.is_set()
+
+
+async def test_page_delay_pages_only() -> None:
+    site = MoodleSite(page_delay_s=0.2)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True)
+        ) as client:
+            browser = Browser(site, client)
+            started = time.monotonic()
+            posted = await browser.post_login("tool_generator_000001")
+            login_s = time.monotonic() - started
+            started = time.monotonic()
+            page = await browser.get("/my/")
+            page_s = time.monotonic() - started
+    finally:
+        await site.close()
+
+    assert posted.status == 303
+    assert login_s < 0.2
+    assert page.status == 200
+    assert page_s >= 0.2
 
 
 # -- performance footer ----------------------------------------------------------
