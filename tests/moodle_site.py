@@ -2,10 +2,10 @@
 
 The status codes, 303 redirect chains, cookies, login form and page markers follow a
 stock Moodle 5.1+ (Build 20251017) site recorded with curl. The markup is written by
-hand and much smaller than Moodle's (a few KB to about 20 KB per page), but every
+hand and much smaller than Moodle's (about 10 KB to 27 KB per page), but every
 element a client reads is where Moodle puts it.
 
-Usage: python tests/moodle_site.py --host 127.0.0.1 --port 8080 [--perf-footer]
+Usage: python tests/moodle_site.py --host 127.0.0.1 --port 8080 [--perf-footer] [-v]
 
 In tests, use the `moodle_site` pytest fixture or `MoodleSite` directly. Exit codes of
 the standalone server: 0 after SIGINT or SIGTERM, 1 when the port cannot be bound,
@@ -1088,23 +1088,32 @@ class MoodleSite:
         # Login tokens are single use, whatever the outcome.
         expected_token, session.login_token = session.login_token, None
         token = form.get("logintoken")
-        user = self._users_by_name.get(str(form.get("username", "")))
+        username = str(form.get("username", ""))
         password = str(form.get("password", ""))
+        user = self._users_by_name.get(username)
+        # The reasons are those Moodle writes to the PHP error log.
         if not token or token != expected_token:
-            return self._login_failed(ctx, session)
-        if user is None or user.suspended or user.auth not in ENABLED_AUTH:
-            return self._login_failed(ctx, session)
+            return self._login_failed(ctx, session, username, "Invalid Login Token")
+        if user is None:
+            return self._login_failed(ctx, session, username, "Unknown user")
+        if user.suspended:
+            return self._login_failed(ctx, session, username, "Suspended Login")
+        if user.auth not in ENABLED_AUTH:
+            return self._login_failed(ctx, session, username, "Disabled Login")
         if user.locked:
+            log.debug("login rejected for %r: Login lockout", username)
             return self._login_page(ctx, MSG_LOCKED)
         if password != user.password:
-            return self._login_failed(ctx, session)
+            return self._login_failed(ctx, session, username, "Failed Login")
         if not user.confirmed:
+            log.debug("login rejected for %r: account not confirmed", username)
             return self._login_page(ctx, None, heading=MSG_MUST_CONFIRM)
         return self._login_succeeded(ctx, session, user)
 
     def _login_failed(
-        self, ctx: RequestContext, session: MoodleSession
+        self, ctx: RequestContext, session: MoodleSession, username: str, reason: str
     ) -> web.Response:
+        log.debug("login rejected for %r: %s", username, reason)
         session.login_error = MSG_INVALID_LOGIN
         return self._redirect(ctx, "/login/index.php?loginredirect=1")
 
@@ -1405,6 +1414,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra time each logged-in page takes while holding its session lock,"
         " in milliseconds (default 0: no delay)",
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="also log each rejected login with its reason",
+    )
     return parser
 
 
@@ -1438,7 +1451,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     return asyncio.run(serve(args))
 
 

@@ -8,6 +8,7 @@ checked as a browser would see it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import sys
@@ -305,6 +306,29 @@ async def test_login_bad_token(browser: Browser, site: MoodleSite, token: str) -
 
     assert_redirect(posted, site, "/login/index.php?loginredirect=1")
     assert_login_error(await browser.get(posted.location or ""), MSG_INVALID_LOGIN)
+
+
+@pytest.mark.parametrize(
+    ("username", "token", "reason"),
+    [
+        ("tool_generator_000001", "A" * 32, "Invalid Login Token"),
+        ("nobody_by_this_name", None, "Unknown user"),
+        ("tool_generator_000090", None, "Suspended Login"),
+        ("tool_generator_000091", None, "Disabled Login"),
+    ],
+)
+async def test_login_rejected_logs_reason(
+    browser: Browser,
+    caplog: pytest.LogCaptureFixture,
+    username: str,
+    token: str | None,
+    reason: str,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="moodle_site")
+
+    await browser.post_login(username, token=token)
+
+    assert f"login rejected for {username!r}: {reason}" in caplog.messages
 
 
 async def test_login_token_missing_field(browser: Browser, site: MoodleSite) -> None:
