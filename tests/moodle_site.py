@@ -54,7 +54,7 @@ SESSION_ID_LENGTH = 26
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 LOGIN_TOKEN_LENGTH = 32
 SESSKEY_LENGTH = 10
-# MOODLEID1_ remembers the username for 60 days, as Moodle's default does.
+# MOODLEID1_ remembers the username for 60 days (Max-Age=5184000 on Moodle 5.1).
 MOODLEID_MAX_AGE_S = 60 * 24 * 3600
 
 SITE_COURSE_ID = 1
@@ -76,8 +76,8 @@ MSG_FORCED_CHANGE = "You must change your password to proceed."
 SLOT = "\x00"
 
 # Performance footer figures per page kind, from a recorded Moodle 5.1 site with
-# perfdebug=15 on a 2-core VM (second visit of each page, warm caches). The "other"
-# figures (forum, profile, error pages) are an estimate between those recorded.
+# perfdebug=15 (second visit of each page, warm caches). The "other" figures (forum,
+# profile, error pages) are an estimate between those recorded.
 DEFAULT_PERF: dict[str, dict[str, float]] = {
     "login": {"time_s": 0.019487, "ram_mb": 2.4, "included": 366, "db_reads": 6,
               "db_writes": 1, "db_time_s": 0.00373},
@@ -223,7 +223,6 @@ def layout(
     main: str,
     logged_in: bool,
     course_id: int = SITE_COURSE_ID,
-    nav_html: str = "",
 ) -> str:
     """Return a full page with slots for sesskey, userid, initials, logininfo, perf."""
     escaped_root = wwwroot.replace("/", "\\/")
@@ -266,20 +265,20 @@ def layout(
         '"contextInstanceId":0,"langrev":1796382304,"templaterev":"1796382297",'
         f'"siteId":1,"userId":{user_id}}};'
     )
+    # Trailing backslashes keep each tag on one line of output, as Moodle prints it.
     return f"""<!DOCTYPE html>
 
 <html  dir="ltr" lang="en" xml:lang="en">
 <head>
     <title>{escape(head_title)}</title>
-    <link rel="shortcut icon"
-        href="{wwwroot}/theme/image.php/boost/theme/1796382297/favicon" />
+    <link rel="shortcut icon" \
+href="{wwwroot}/theme/image.php/boost/theme/1796382297/favicon" />
 <meta http-equiv="Content-Type" content="text/html; charset=utf-8" />
 <meta name="keywords" content="moodle, {escape(head_title)}" />
-<link rel="stylesheet" type="text/css"
-    href="{wwwroot}/theme/yui_combo.php?rollup/3.18.1/yui-moodlesimple-min.css"
-    /><script id="firstthemesheet" type="text/css">/** Required in order to fix style
-    inclusion problems in IE with YUI **/</script><link rel="stylesheet"
-    type="text/css" href="{wwwroot}/theme/styles.php/boost/1796382297_1/all" />
+<link rel="stylesheet" type="text/css" \
+href="{wwwroot}/theme/yui_combo.php?rollup/3.18.1/yui-moodlesimple-min.css" />\
+<link rel="stylesheet" type="text/css" \
+href="{wwwroot}/theme/styles.php/boost/1796382297_1/all" />
 <script>
 //<![CDATA[
 var M = {{}}; M.yui = {{}};
@@ -289,36 +288,37 @@ M.pageloadstarttime = new Date();
 </script>
     <meta name="viewport" content="width=device-width, initial-scale=1.0">
 </head>
-<body  id="{body_id}" class="{body_class} dir-ltr lang-en yui-skin-sam yui3-skin-sam
-    {host_class} course-{course_id} context-1{state} theme uses-drawers">
-<div class="toast-wrapper mx-auto py-0 fixed-top" role="status"
-    aria-live="polite"></div>
+<body  id="{body_id}" class="{body_class} dir-ltr lang-en yui-skin-sam \
+yui3-skin-sam {host_class} course-{course_id} context-1{state} theme uses-drawers">
+<div class="toast-wrapper mx-auto py-0 fixed-top" role="status" \
+aria-live="polite"></div>
 <div id="page-wrapper" class="d-print-block">
     <div>
     <a class="visually-hidden-focusable" href="#maincontent">Skip to main content</a>
-</div><script
-    src="{wwwroot}/lib/javascript.php/1796382297/lib/polyfills/polyfill.js"></script>
-<script src="{wwwroot}/theme/yui_combo.php?rollup/3.18.1/yui-moodlesimple-min.js">
-</script><script src="{wwwroot}/lib/javascript.php/1796382297/lib/javascript-static.js">
+</div>
+<script src="{wwwroot}/lib/javascript.php/1796382297/lib/polyfills/polyfill.js">\
+</script>
+<script src="{wwwroot}/theme/yui_combo.php?rollup/3.18.1/yui-moodlesimple-min.js">\
+</script>
+<script src="{wwwroot}/lib/javascript.php/1796382297/lib/javascript-static.js">\
 </script>
     <nav class="navbar fixed-top bg-body navbar-expand" aria-label="Site navigation">
         <div class="container-fluid">
-            <a href="{wwwroot}/" class="navbar-brand d-none d-md-flex
-                align-items-center m-0 me-4 p-0 aabtn">{SITE_NAME}</a>
+            <a href="{wwwroot}/" \
+class="navbar-brand d-none d-md-flex align-items-center m-0 me-4 p-0 aabtn">\
+{SITE_NAME}</a>
             <div class="primary-navigation">
                 <nav class="moremenu navigation">
-                    <ul id="moremenu-main" role="menubar" class="nav more-nav
-                        navbar-nav">
-                        <li data-key="home" class="nav-item" role="none"><a
-                            role="menuitem" class="nav-link" href="{wwwroot}/"
-                            tabindex="-1">Home</a></li>
-                        <li data-key="myhome" class="nav-item" role="none"><a
-                            role="menuitem" class="nav-link" href="{wwwroot}/my/"
-                            tabindex="-1">Dashboard</a></li>
-                        <li data-key="mycourses" class="nav-item" role="none"><a
-                            role="menuitem" class="nav-link"
-                            href="{wwwroot}/my/courses.php" tabindex="-1">My
-                            courses</a></li>
+                    <ul id="moremenu-main" role="menubar" \
+class="nav more-nav navbar-nav">
+                        <li data-key="home" class="nav-item" role="none">\
+<a role="menuitem" class="nav-link" href="{wwwroot}/" tabindex="-1">Home</a></li>
+                        <li data-key="myhome" class="nav-item" role="none">\
+<a role="menuitem" class="nav-link" href="{wwwroot}/my/" tabindex="-1">\
+Dashboard</a></li>
+                        <li data-key="mycourses" class="nav-item" role="none">\
+<a role="menuitem" class="nav-link" href="{wwwroot}/my/courses.php" tabindex="-1">\
+My courses</a></li>
                     </ul>
                 </nav>
             </div>
@@ -327,17 +327,15 @@ M.pageloadstarttime = new Date();
             </div>
         </div>
     </nav>
-    <div id="page" data-region="mainpage" data-usertour="scroller" class="drawers
-        show-drawer-left drag-container">
+    <div id="page" data-region="mainpage" data-usertour="scroller" \
+class="drawers show-drawer-left drag-container">
         <div id="topofscroll" class="main-inner">
             <div class="drawer-toggles d-flex"></div>
             <header id="page-header" class="header-maxwidth d-print-none">
-                <div class="w-100"><div class="d-flex flex-wrap">{nav_html}</div>
-                <div class="d-flex align-items-center"><div class="me-auto"><div
-                    class="page-context-header d-flex align-items-center mb-2"><div
-                    class="page-header-headings"><h1 class="h2
-                    mb-0">{escape(title or SITE_NAME)}</h1></div></div></div></div>
-                </div>
+                <div class="w-100"><div class="d-flex align-items-center">\
+<div class="me-auto"><div class="page-context-header d-flex align-items-center mb-2">\
+<div class="page-header-headings"><h1 class="h2 mb-0">\
+{escape(title or SITE_NAME)}</h1></div></div></div></div></div>
             </header>
             <div id="page-content" class="pb-3 d-print-block">
                 <div id="region-main-box">
@@ -350,21 +348,19 @@ M.pageloadstarttime = new Date();
         </div>
         <footer id="page-footer" class="footer-popover bg-white">
             <div data-region="footer-container-popover">
-                <button class="btn btn-icon bg-secondary icon-no-margin
-                    btn-footer-popover" data-action="footer-popover" aria-label="Show
-                    footer"><i class="icon fa fa-question fa-fw "
-                    aria-hidden="true"></i></button>
+                <button class="btn btn-icon bg-secondary icon-no-margin \
+btn-footer-popover" data-action="footer-popover" aria-label="Show footer">\
+<i class="icon fa fa-question fa-fw " aria-hidden="true"></i></button>
             </div>
-            <div class="footer-content-popover container"
-                data-region="footer-content-popover">
-                <div class="footer-section p-3 border-bottom"><div
-                    class="logininfo">{slot("logininfo")}</div></div>
-                <div class="footer-section p-3 border-bottom"><div
-                    class="tool_usertours-resettourcontainer"></div><a
-                    href="{wwwroot}/admin/tool/dataprivacy/summary.php">Data
-                    retention summary</a></div>
-                <div class="footer-section p-3"><div>Powered by <a
-                    href="https://moodle.com">Moodle</a></div></div>
+            <div class="footer-content-popover container" \
+data-region="footer-content-popover">
+                <div class="footer-section p-3 border-bottom">\
+<div class="logininfo">{slot("logininfo")}</div></div>
+                <div class="footer-section p-3 border-bottom">\
+<a href="{wwwroot}/admin/tool/dataprivacy/summary.php">Data retention summary</a>\
+</div>
+                <div class="footer-section p-3"><div>Powered by \
+<a href="https://moodle.com">Moodle</a></div></div>
             </div>
             <div class="footer-content-debugging footer-dark bg-dark text-light">
                 <div class="container-fluid footer-dark-inner">
@@ -376,8 +372,8 @@ M.pageloadstarttime = new Date();
 </div>
 <script>
 //<![CDATA[
-var require = {{ baseUrl : '{escaped_root}\\/lib\\/requirejs.php\\/1796382297\\/',
-    enforceDefine: true, skipDataMain: true, waitSeconds : 0 }};
+var require = {{ baseUrl : '{escaped_root}\\/lib\\/requirejs.php\\/1796382297\\/', \
+enforceDefine: true, skipDataMain: true, waitSeconds : 0 }};
 M.util.js_pending('core/first');
 require(['core/first'], function() {{ M.util.js_complete('core/first'); }});
 //]]>
