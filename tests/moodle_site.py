@@ -72,6 +72,8 @@ MSG_LOCKED = "Your account is locked. An unlock link has been sent via email."
 MSG_MUST_CONFIRM = "You need to confirm your account"
 MSG_FORCED_CHANGE = "You must change your password to proceed."
 
+# Moodle's display_size() puts a no-break space between a number and its unit.
+NBSP = "\u00a0"
 # Slots in page templates: a NUL byte cannot occur in the hand-written markup.
 SLOT = "\x00"
 
@@ -80,17 +82,17 @@ SLOT = "\x00"
 # profile, error pages) are an estimate between those recorded.
 DEFAULT_PERF: dict[str, dict[str, float]] = {
     "login": {"time_s": 0.019487, "ram_mb": 2.4, "included": 366, "db_reads": 6,
-              "db_writes": 1, "db_time_s": 0.00373},
+              "db_writes": 1, "db_time_s": 0.00373, "get_string": 41},
     "my": {"time_s": 0.089233, "ram_mb": 5.5, "included": 574, "db_reads": 42,
-           "db_writes": 0, "db_time_s": 0.02437},
+           "db_writes": 0, "db_time_s": 0.02437, "get_string": 579},
     "course": {"time_s": 0.110138, "ram_mb": 7.5, "included": 618, "db_reads": 35,
-               "db_writes": 0, "db_time_s": 0.01605},
+               "db_writes": 0, "db_time_s": 0.01605, "get_string": 687},
     "other": {"time_s": 0.061532, "ram_mb": 4.9, "included": 512, "db_reads": 24,
-              "db_writes": 0, "db_time_s": 0.01119},
+              "db_writes": 0, "db_time_s": 0.01119, "get_string": 400},
 }
 PERF_FIGURES = frozenset(
     {"time_s", "ram_mb", "included", "db_reads", "db_writes", "db_time_s",
-     "session_wait_s"}
+     "get_string", "session_wait_s"}
 )
 
 FIRST_NAMES = ["Anna", "Ben", "Chiara", "Dmitri", "Elif", "Farid", "Greta", "Hiro",
@@ -648,28 +650,35 @@ ROUTER_404_BODY = (
 
 
 def perf_footer(figures: dict[str, float], session_wait: str) -> str:
+    """Return the footer block; `session_wait` is the formatted seconds or a slot."""
     ram = figures["ram_mb"]
+    # A POSIX clock tick is 10 ms. The user/system split approximates the recording.
+    ticks = max(1, round(figures["time_s"] * 100))
+    user_ticks = round(ticks * 0.6)
+    sys_ticks = round(ticks * 0.15)
     return (
         '<div class="performanceinfo siteinfo container-fluid px-md-0 overflow-auto'
         ' pt-3"><ul class="list-unstyled row mx-md-0">'
         f'<li class="timeused col-sm-4">{figures["time_s"]:.6f} secs</li> '
-        f'<li class="memoryused col-sm-4">RAM: {ram:.1f} MB</li> '
-        f'<li class="memoryused col-sm-4">RAM peak: {ram + 1:.1f} MB</li> </ul>'
+        f'<li class="memoryused col-sm-4">RAM: {ram:.1f}{NBSP}MB</li> '
+        f'<li class="memoryused col-sm-4">RAM peak: {ram + 1:.1f}{NBSP}MB</li> </ul>'
         '<ul class="list-unstyled row mx-md-0">'
         f'<li class="included col-sm-4">Included {int(figures["included"])} files'
         "</li> <li class='contextswithfilters col-sm-4'>Contexts for which filters"
         " were loaded: 0 </li> <li class='filterscreated col-sm-4'>Filters created:"
         " 6 </li> <li class='textsfiltered col-sm-4'>Pieces of content filtered: 0"
         " </li> <li class='stringsfiltered col-sm-4'>Strings filtered: 0 </li> "
-        "<li class='langcountgetstring col-sm-4'>get_string calls: 41 </li> "
+        "<li class='langcountgetstring col-sm-4'>get_string calls: "
+        f"{int(figures['get_string'])} </li> "
         f'<li class="dbqueries col-sm-4">DB reads/writes: {int(figures["db_reads"])}'
         f'/{int(figures["db_writes"])}</li> '
         f'<li class="dbtime col-sm-4">DB queries time: {figures["db_time_s"]:.5f}'
         " secs</li> "
-        '<li class="posixtimes col-sm-4">ticks: 2 user: 2sys: 0 cuser: 0 csys: 0</li>'
+        f'<li class="posixtimes col-sm-4">ticks: {ticks} user: {user_ticks}sys:'
+        f" {sys_ticks} cuser: 0 csys: 0</li>"
         ' <li class="serverload col-sm-4">Load average: 0.08</li> '
         '<li class="serverload col-sm-4"><div class="sessionsize">Session'
-        " (core\\session\\file): 4.7 KB</div></li>"
+        f" (core\\session\\file): 4.7{NBSP}KB</div></li>"
         f'<li class="sessionwait col-sm-4">Session wait: {session_wait} secs</li></ul>'
         '<div class="table-responsive"><table class="cachesused table table-dark'
         ' table-sm w-auto table-bordered">\n<thead>\n<tr>\n'
@@ -830,8 +839,8 @@ class MoodleSite:
     def set_perf(self, path: str | None, **figures: float) -> None:
         """Set performance footer figures for pages under `path` (None: all pages).
 
-        Accepted figures: time_s, ram_mb, included, db_reads, db_writes, db_time_s
-        and session_wait_s. Without session_wait_s the footer shows the time the
+        Accepted figures: time_s, ram_mb, included, db_reads, db_writes, db_time_s,
+        get_string and session_wait_s. Without session_wait_s the footer shows the time the
         request waited for its session lock. Calling this turns the footer on.
         """
         unknown = set(figures) - PERF_FIGURES

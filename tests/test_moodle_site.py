@@ -702,7 +702,7 @@ def perf_figures(body: str) -> dict[str, str]:
     """Parse the footer items a load generator reads, in Moodle's own markup."""
     patterns = {
         "time": r'<li class="timeused col-sm-4">([\d.]+) secs</li>',
-        "ram": r'<li class="memoryused col-sm-4">RAM: ([\d.]+) MB</li>',
+        "ram": r'<li class="memoryused col-sm-4">RAM: ([\d.]+)\xa0MB</li>',
         "included": r'<li class="included col-sm-4">Included (\d+) files</li>',
         "db": r'<li class="dbqueries col-sm-4">DB reads/writes: (\d+/\d+)</li>',
         "dbtime": r'<li class="dbtime col-sm-4">DB queries time: ([\d.]+) secs</li>',
