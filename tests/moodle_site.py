@@ -840,8 +840,9 @@ class MoodleSite:
         """Set performance footer figures for pages under `path` (None: all pages).
 
         Accepted figures: time_s, ram_mb, included, db_reads, db_writes, db_time_s,
-        get_string and session_wait_s. Without session_wait_s the footer shows the time the
-        request waited for its session lock. Calling this turns the footer on.
+        get_string and session_wait_s. Without session_wait_s the footer shows the
+        time the request waited for its session lock. Calling this turns the footer
+        on.
         """
         unknown = set(figures) - PERF_FIGURES
         if unknown:
