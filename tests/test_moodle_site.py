@@ -241,6 +241,8 @@ async def test_login_success_chain(browser: Browser, site: MoodleSite) -> None:
     assert "<title>Dashboard | loadlab</title>" in dashboard.body
     assert SESSKEY_RE.search(dashboard.body)
     assert site.logins["tool_generator_000001"] == 1
+    assert site.requests["/login/index.php"] == 4
+    assert site.requests["/my/"] == 1
 
 
 async def test_login_old_session_is_gone(browser: Browser, site: MoodleSite) -> None:
