@@ -13,7 +13,9 @@ the standalone server: 0 after SIGINT or SIGTERM, 1 when the port cannot be boun
 
 Known limits: no real database, no password hashing, no guest-specific rules beyond
 the guest profile notice, and sessions never time out on their own (call
-`expire_sessions`).
+`expire_sessions`). Every request without a cookie starts a session that stays in
+memory until logout or `expire_sessions`, so a client that drops its cookies makes
+the server grow.
 """
 
 from __future__ import annotations
