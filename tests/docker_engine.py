@@ -1,7 +1,7 @@
 """Docker engine helpers for the stats tests: a local busybox image and containers.
 
 No registry is reachable, so the image is made by importing a root file system that
-holds Debian's static busybox and one link per applet. Every container runs with
+contains Debian's static busybox and one link per applet. Every container runs with
 network_mode="none", and every image and container name starts with a prefix unique
 to the test session, so the cleanup removes only what the tests made.
 """

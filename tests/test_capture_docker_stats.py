@@ -1,11 +1,11 @@
 """Tests of capture_docker_stats.py: formulas on recorded payloads, then real runs.
 
-The formula tests use payloads recorded from Docker 20.10 on cgroup v1 (a busy
+The formula tests use payloads recorded from Docker 20.10 on cgroup v1: a busy
 container with 16 MiB in /dev/shm, 8 MiB of page cache and 3 processes, and the
-payload the engine sends once that container stopped), a cgroup v2 pair written
-after the Engine API documentation's ContainerStatsResponse schema, and partial
-payloads. The engine tests start busybox containers with network_mode="none" and
-run the script as a subprocess.
+payload the engine sends once that container stopped. The cgroup v2 pair is written
+after the Engine API documentation's ContainerStatsResponse schema. Partial payloads
+cover missing keys. The engine tests start busybox containers with
+network_mode="none" and run the script as a subprocess.
 """
 
 from __future__ import annotations
@@ -502,10 +502,12 @@ def test_engine_restart_resumes_then_sigterm(engine, containers, tmp_path):
         wait_until(lambda: name in csv_files(outdir), 15, "the CSV file")
         path = csv_files(outdir)[name]
         wait_until(lambda: len(read_rows(path)) >= 4, 15, "three rows")
+
         client.containers.get(name).stop(timeout=0)
         stopped_at = len(read_rows(path))
-        time.sleep(2.5)
+        time.sleep(2.5)  # the rows must stop coming while the container is down
         assert len(read_rows(path)) <= stopped_at + 2
+
         client.containers.get(name).start()
         wait_until(lambda: len(read_rows(path)) >= stopped_at + 4, 15, "resumed rows")
         process.send_signal(signal.SIGTERM)
@@ -514,11 +516,13 @@ def test_engine_restart_resumes_then_sigterm(engine, containers, tmp_path):
         if process.poll() is None:
             process.kill()
             process.communicate()
+
     assert process.returncode == 143, stderr
     assert "runs again" in stderr
     summary = json.loads(stdout)
     assert summary["stopped_by"] == "SIGTERM"
     assert summary["containers"][name]["ticks_not_running"] >= 2
+
     rows = data_rows(path)
     assert_rows_whole(rows)
     gaps = [
