@@ -375,8 +375,11 @@ def test_unreachable_engine_one_line_error(tmp_path):
 @pytest.fixture(scope="module")
 def engine() -> Iterator[tuple[Any, str]]:
     client = docker_engine.engine_client()
-    for image in docker_engine.session_image(client):
-        yield client, image
+    try:
+        for image in docker_engine.session_image(client):
+            yield client, image
+    finally:
+        client.close()
 
 
 @pytest.fixture
