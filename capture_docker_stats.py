@@ -17,8 +17,9 @@ Usage:
 
 Exit codes:
     0   the duration ran out
-    1   failure before sampling: engine unreachable, container not found or not
-        running, output file not writable; no file is created
+    1   failure before sampling (engine unreachable, container not found or not
+        running, output file not writable), and then no file is created; or a CSV
+        write failed during the run
     2   invalid command line (argparse)
     130 stopped by SIGINT (Ctrl-C); files complete, summary printed
     143 stopped by SIGTERM; files complete, summary printed
@@ -594,6 +595,8 @@ class ContainerRecorder:
         if payload.get("id") != self.previous_id:
             # Another container under the same name: its counters are unrelated.
             self.previous = None
+        # NOTE: a restart quicker than one engine refresh sends no stopped sample, so
+        # its first row gets CPU 0.00 (negative delta, as the CLI counts) not empty.
         values = compute_values(self.previous, payload)
         missing = missing_fields(values)
         if missing and not self.warned_missing:
