@@ -1,0 +1,1328 @@
+"""Load a Moodle site at a fixed request rate and report latency honestly.
+
+The script logs the configured users in through Moodle's login form, then requests
+the configured pages for a fixed time on an open schedule: request i is due at
+start + i * 60 / rpm, whatever happened to the requests before it. A request that
+cannot start on time still counts its latency from its due time, so a slow server
+cannot hide behind a slow client. It prints one JSON summary on stdout.
+
+Usage: python moodle_load.py --config config.json --rpm 1200 --duration 300
+
+Exit codes:
+    0    the run finished
+    2    invalid arguments or config, or an output file that cannot be written
+    3    nobody logged in (no load phase), or every session was lost and the
+         users could not log in again
+    130  interrupted by SIGINT (Ctrl-C), after printing the summary
+    143  interrupted by SIGTERM, after printing the summary
+
+Limits: one process and one event loop, so the rate it can hold depends on the
+CPU it gets (about 1,000 requests per second on one core against a static page).
+Percentiles come from a log-linear histogram and are within 0.4 % of a recorded
+value. Redirects are not followed during the load: each page is measured alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import collections
+import csv
+import datetime
+import html.parser
+import json
+import logging
+import math
+import os
+import random
+import signal
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+log = logging.getLogger("moodle_load")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_NO_LOGIN = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+DEFAULT_LOGIN_PATH = "/login/index.php"
+# Moodle 5.1 sends users with auth_forcepasswordchange here, relative to wwwroot.
+CHANGE_PASSWORD_PATH = "/login/change_password.php"
+# Moodle's session cookie is "MoodleSession" plus the optional $CFG->sessioncookie.
+SESSION_COOKIE_PREFIX = "MoodleSession"
+# A successful Moodle 5.1 login takes two redirects (testsession, then the page).
+MAX_LOGIN_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+DEFAULT_SEED = 1
+USER_AGENT = "moodle-load/1.0"
+
+# A request sent this much after its due time counts as late. A busy event loop
+# wakes a few milliseconds after a timer is due, which is not the client falling
+# behind; latency still counts every millisecond from the due time.
+LATE_AFTER_S = 0.010
+# At most one "falling behind" warning per this many seconds.
+BEHIND_WARNING_EVERY_S = 10.0
+# After SIGINT or SIGTERM, in-flight requests get this long to finish.
+INTERRUPT_GRACE_S = 2.0
+# The target rate counts as reached when this share of the due requests was sent.
+RATE_REACHED_SHARE = 0.99
+# A template whose answers are mostly redirects is not being measured.
+REDIRECT_WARNING_SHARE = 0.5
+# Distinct Location paths kept per template; more are counted as "(other)".
+MAX_LOCATION_PATHS = 50
+TOP_LOCATION_PATHS = 5
+PERCENTILES = (50, 95, 99)
+
+# Histogram layout: values below 2**8 units are exact, larger ones fall in buckets
+# 1/128 of their lower bound wide (HDR-style log-linear buckets).
+SUB_BUCKET_BITS = 8
+SUB_BUCKETS = 1 << SUB_BUCKET_BITS
+HALF_SUB_BUCKETS = SUB_BUCKETS // 2
+
+PROGRESS = 25  # a log level between INFO and WARNING, printed as [PROGRESS]
+FAILURE_KINDS = ("login_required", "http_4xx", "http_5xx", "timeout",
+                 "connection_error")
+LOGIN_FAILURE_TEXT = {
+    "invalid_login": "invalid login (the site sent the login page back)",
+    "password_change_required": "password change required"
+    " (redirected to /login/change_password.php)",
+    "locked_or_unconfirmed": "account locked or unconfirmed"
+    " (the login POST answered 200 instead of a redirect)",
+    "no_session_cookie": "no session cookie after the login",
+    "http_status": "HTTP status",
+    "timeout": "timed out",
+    "connection_error": "connection error",
+}
+CSV_COLUMNS = ["scheduled_time", "user", "url_template", "url", "status",
+               "latency_ms", "service_time_ms", "bytes", "outcome"]
+
+
+class ConfigError(Exception):
+    """Invalid config or arguments: one line per problem, exit code 2."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class LoginFailed(Exception):
+    """A user could not log in; `reason` is a key of LOGIN_FAILURE_TEXT."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or LOGIN_FAILURE_TEXT[reason])
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+
+@dataclass(frozen=True)
+class UrlTemplate:
+    """A configured page: path with {placeholders}, weight and placeholder names."""
+
+    path: str
+    weight: float
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    base_url: str  # without a trailing slash
+    login_path: str
+    users: tuple[Credentials, ...]
+    parameters: dict[str, tuple[int, int]]
+    urls: tuple[UrlTemplate, ...]
+
+
+@dataclass(slots=True)
+class Result:
+    """One finished request, as the statistics and the requests log see it."""
+
+    due: float  # event-loop clock, seconds
+    user: str
+    template: str
+    url: str
+    status: int  # 0 when no HTTP answer arrived
+    latency_ms: float  # from the due time to the end of the body
+    service_ms: float  # from the actual send to the end of the body
+    lag_ms: float  # from the due time to the actual send
+    nbytes: int
+    outcome: str  # "success" or one of FAILURE_KINDS
+    location_path: str | None = None  # path of the Location header of a 3xx
+
+
+# ---------------------------------------------------------------------------
+# Histogram and statistics
+# ---------------------------------------------------------------------------
+
+
+class Histogram:
+    """Count values in bounded memory and report nearest-rank percentiles.
+
+    Values are kept as integers of 1/scale (scale 1000 keeps milliseconds at
+    microsecond resolution). Below 256 units each unit has its own bucket; above,
+    a bucket is 1/128 of its lower bound wide, and a percentile reports the bucket
+    midpoint, within 0.4 % of the recorded value. The smallest and largest ranks
+    return the exact min and max. Memory is at most 128 buckets per power of two
+    (a few thousand in all), whatever the number of values.
+    """
+
+    __slots__ = ("scale", "buckets", "count", "sum", "min", "max")
+
+    def __init__(self, scale: float = 1000.0) -> None:
+        self.scale = scale
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def record(self, value: float) -> None:
+        units = int(value * self.scale + 0.5)
+        if units < SUB_BUCKETS:
+            index = units if units > 0 else 0
+        else:
+            shift = units.bit_length() - SUB_BUCKET_BITS
+            index = SUB_BUCKETS + (shift - 1) * HALF_SUB_BUCKETS + (
+                (units >> shift) - HALF_SUB_BUCKETS
+            )
+        buckets = self.buckets
+        buckets[index] = buckets.get(index, 0) + 1
+        self.count += 1
+        self.sum += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+
+    def _midpoint(self, index: int) -> float:
+        if index < SUB_BUCKETS:
+            return index / self.scale
+        offset = index - SUB_BUCKETS
+        shift = offset // HALF_SUB_BUCKETS + 1
+        mantissa = offset % HALF_SUB_BUCKETS + HALF_SUB_BUCKETS
+        low = mantissa << shift
+        high = ((mantissa + 1) << shift) - 1
+        return (low + high) / 2 / self.scale
+
+    def percentile(self, percent: float) -> float | None:
+        """Return the nearest-rank percentile, or None when nothing was recorded."""
+        if self.count == 0:
+            return None
+        rank = max(1, math.ceil(Fraction(str(percent)) * self.count / 100))
+        if rank == 1:
+            return self.min
+        if rank >= self.count:
+            return self.max
+        seen = 0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen >= rank:
+                return min(max(self._midpoint(index), self.min), self.max)
+        return self.max
+
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count else None
+
+
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+class Stats:
+    """Counters and histograms of one URL template, or of the whole run."""
+
+    def __init__(self) -> None:
+        self.latency = Histogram()
+        self.service = Histogram()
+        self.total = 0
+        self.success = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.status: collections.Counter[int] = collections.Counter()
+        self.late = 0
+        self.max_lag_ms = 0.0
+        self.redirects = 0
+        self.locations: collections.Counter[str] = collections.Counter()
+
+    def record(self, result: Result) -> None:
+        self.total += 1
+        self.latency.record(result.latency_ms)
+        self.service.record(result.service_ms)
+        if result.outcome == "success":
+            self.success += 1
+        else:
+            self.failures[result.outcome] += 1
+        self.status[result.status] += 1
+        if result.lag_ms > LATE_AFTER_S * 1000:
+            self.late += 1
+        if result.lag_ms > self.max_lag_ms:
+            self.max_lag_ms = result.lag_ms
+        if result.location_path is not None:
+            self.redirects += 1
+            path = result.location_path
+            if path not in self.locations and len(self.locations) >= MAX_LOCATION_PATHS:
+                path = "(other)"
+            self.locations[path] += 1
+
+    def summary(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "total": self.total,
+            "success": self.success,
+            "failures": self.total - self.success,
+            "failures_by_kind": dict(sorted(self.failures.items())),
+            "status_counts": {str(k): v for k, v in sorted(self.status.items())},
+        }
+        for percent in PERCENTILES:
+            data[f"latency_ms_p{percent}"] = rounded(self.latency.percentile(percent))
+        data["latency_ms_max"] = rounded(self.latency.percentile(100))
+        for percent in PERCENTILES:
+            value = self.service.percentile(percent)
+            data[f"service_time_ms_p{percent}"] = rounded(value)
+        data["service_time_ms_max"] = rounded(self.service.percentile(100))
+        data["late_requests"] = self.late
+        data["max_lag_ms"] = round(self.max_lag_ms, 3)
+        data["redirects"] = self.redirects
+        top = self.locations.most_common(TOP_LOCATION_PATHS)
+        data["redirect_locations"] = dict(top)
+        return data
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_config_file(path: Path) -> Any:
+    """Read JSON from path, UTF-8 with or without a byte order mark."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError([
+            f"error: cannot read the config file, {path} ({err.strerror}),"
+            " check the --config path"
+        ]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError([
+            f"error: config file is not UTF-8, {path} at byte {err.start},"
+            " save it as UTF-8"
+        ]) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError([
+            f"error: invalid JSON ({err.msg}), {path} line {err.lineno} column"
+            f" {err.colno}, fix the syntax there"
+        ]) from None
+
+
+def check_base_url(config: dict[str, Any], errors: list[str]) -> str:
+    value = config.get("base_url")
+    if value is None:
+        errors.append('error: missing key, "base_url", add the site address such as'
+                      ' "http://127.0.0.1:8080"')
+        return ""
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        errors.append(f"error: base_url is not an http or https URL, base_url ="
+                      f" {json.dumps(value)}, use an address such as"
+                      ' "http://127.0.0.1:8080"')
+        return ""
+    if parts.query or parts.fragment:
+        errors.append(f"error: base_url has a query or fragment, base_url ="
+                      f" {json.dumps(value)}, keep only scheme, host, port and path")
+    return value.rstrip("/")
+
+
+def check_login_path(config: dict[str, Any], errors: list[str]) -> str:
+    value = config.get("login_path", DEFAULT_LOGIN_PATH)
+    if not isinstance(value, str) or not value.startswith("/"):
+        errors.append(f"error: login_path must be a path starting with /, login_path"
+                      f" = {json.dumps(value)}, use {json.dumps(DEFAULT_LOGIN_PATH)}")
+        return DEFAULT_LOGIN_PATH
+    return value
+
+
+def check_users(config: dict[str, Any], errors: list[str]) -> list[Credentials]:
+    value = config.get("users")
+    if value is None:
+        errors.append('error: missing key, "users", add a list of'
+                      ' {"username": ..., "password": ...}')
+        return []
+    if not isinstance(value, list) or not value:
+        errors.append('error: users must be a non-empty list, "users", add at least'
+                      ' one {"username": ..., "password": ...}')
+        return []
+    users: list[Credentials] = []
+    seen: set[str] = set()
+    for number, entry in enumerate(value):
+        where = f"users[{number}]"
+        if not isinstance(entry, dict):
+            errors.append(f"error: user is not an object, {where}, write it as"
+                          ' {"username": ..., "password": ...}')
+            continue
+        username, password = entry.get("username"), entry.get("password")
+        if not isinstance(username, str) or not username:
+            errors.append(f"error: missing or empty username, {where}.username,"
+                          " give the Moodle username as a string")
+        elif username in seen:
+            errors.append(f"error: duplicate username, {where}.username ="
+                          f" {json.dumps(username)}, list each user once")
+        if not isinstance(password, str):
+            errors.append(f"error: missing password, {where}.password, give the"
+                          " password as a string")
+        if isinstance(username, str) and username and isinstance(password, str):
+            seen.add(username)
+            users.append(Credentials(username, password))
+    return users
+
+
+def check_parameters(
+    config: dict[str, Any], errors: list[str]
+) -> dict[str, tuple[int, int]]:
+    value = config.get("parameters", {})
+    if not isinstance(value, dict):
+        errors.append('error: parameters must be an object, "parameters", write'
+                      ' {"name": {"min": 1, "max": 10}}')
+        return {}
+    parameters: dict[str, tuple[int, int]] = {}
+    for name, spec in value.items():
+        where = f"parameters.{name}"
+        if not isinstance(spec, dict):
+            errors.append(f'error: parameter is not an object, {where}, write'
+                          ' {"min": 1, "max": 10}')
+            continue
+        bounds = []
+        for key in ("min", "max"):
+            bound = spec.get(key)
+            if bound is None:
+                errors.append(f"error: missing key, {where}.{key}, add an integer")
+            elif not is_integer(bound):
+                errors.append(f"error: not an integer, {where}.{key} ="
+                              f" {json.dumps(bound)}, write a whole number"
+                              " without quotes")
+            else:
+                bounds.append(bound)
+        if len(bounds) == 2 and bounds[0] > bounds[1]:
+            errors.append(f"error: min is greater than max, {where} (min {bounds[0]},"
+                          f" max {bounds[1]}), swap them")
+        elif len(bounds) == 2:
+            parameters[name] = (bounds[0], bounds[1])
+    return parameters
+
+
+def placeholder_names(path: str) -> tuple[str, ...]:
+    """Return the {names} in path; raise ValueError on bad brace syntax."""
+    names: list[str] = []
+    for _literal, name, spec, conversion in string.Formatter().parse(path):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"placeholder {{{name}}} is not a plain name")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def check_urls(
+    config: dict[str, Any], parameters: dict[str, Any], declared: set[str],
+    errors: list[str],
+) -> list[UrlTemplate]:
+    value = config.get("urls")
+    if value is None:
+        errors.append('error: missing key, "urls", add a list of {"path": "/my/"}')
+        return []
+    if not isinstance(value, list) or not value:
+        errors.append('error: urls must be a non-empty list, "urls", add at least'
+                      ' one {"path": "/my/"}')
+        return []
+    urls: list[UrlTemplate] = []
+    for number, entry in enumerate(value):
+        where = f"urls[{number}]"
+        if not isinstance(entry, dict):
+            errors.append(f'error: url is not an object, {where}, write it as'
+                          ' {"path": "/my/", "weight": 1}')
+            continue
+        path, weight = entry.get("path"), entry.get("weight", 1)
+        if not isinstance(path, str) or not path.startswith("/"):
+            errors.append(f"error: path must start with /, {where}.path ="
+                          f" {json.dumps(path)}, write it relative to base_url"
+                          ' such as "/my/"')
+            continue
+        if not is_number(weight) or not weight > 0 or not math.isfinite(weight):
+            errors.append(f"error: weight must be a number above 0, {where}.weight ="
+                          f" {json.dumps(weight)}, use 1 or more")
+            continue
+        try:
+            names = placeholder_names(path)
+        except ValueError as err:
+            errors.append(f"error: invalid placeholder ({err}), {where}.path ="
+                          f" {json.dumps(path)}, write placeholders as {{name}}"
+                          " and braces as {{ and }}")
+            continue
+        missing = [name for name in names if name not in declared]
+        for name in missing:
+            errors.append(f"error: placeholder has no parameter, {where}.path"
+                          f" {{{name}}}, add \"{name}\": {{\"min\": 1, \"max\": 10}}"
+                          ' to "parameters"')
+        if not missing:
+            urls.append(UrlTemplate(path, float(weight), names))
+    return urls
+
+
+def parse_config(data: Any) -> LoadConfig:
+    """Validate a parsed config; raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([
+            f"error: config is a JSON {type(data).__name__}, not an object, write"
+            ' {"base_url": ..., "users": [...], "urls": [...]}'
+        ])
+    errors: list[str] = []
+    base_url = check_base_url(data, errors)
+    login_path = check_login_path(data, errors)
+    users = check_users(data, errors)
+    parameters = check_parameters(data, errors)
+    declared = set(data["parameters"]) if isinstance(data.get("parameters"), dict) \
+        else set()
+    urls = check_urls(data, parameters, declared, errors)
+    if errors:
+        raise ConfigError(errors)
+    return LoadConfig(base_url, login_path, tuple(users), parameters, tuple(urls))
+
+
+def load_config(path: Path) -> LoadConfig:
+    return parse_config(read_config_file(path))
+
+
+# ---------------------------------------------------------------------------
+# Request plan
+# ---------------------------------------------------------------------------
+
+
+class RequestPlan:
+    """Draw the URL of each request from one seeded generator, in request order."""
+
+    def __init__(self, config: LoadConfig, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.base_url = config.base_url
+        self.templates = config.urls
+        self.parameters = config.parameters
+        self.cumulative: list[float] = []
+        total = 0.0
+        for template in self.templates:
+            total += template.weight
+            self.cumulative.append(total)
+        self.total_weight = total
+
+    def next(self) -> tuple[UrlTemplate, str]:
+        rng = self.rng
+        draw = rng.random() * self.total_weight
+        position = bisect.bisect_right(self.cumulative, draw)
+        template = self.templates[min(position, len(self.templates) - 1)]
+        if not template.fields:
+            return template, self.base_url + template.path
+        values = {}
+        for name in template.fields:
+            low, high = self.parameters[name]
+            values[name] = rng.randint(low, high)
+        return template, self.base_url + template.path.format_map(values)
+
+
+# ---------------------------------------------------------------------------
+# Login
+# ---------------------------------------------------------------------------
+
+
+class LoginFormParser(html.parser.HTMLParser):
+    """Find the logintoken and action of the form with id="login".
+
+    HTMLParser reads attributes in any order and with any quoting, which Moodle
+    themes vary. The guest login form carries a token too; it is ignored.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.in_login_form = False
+        self.token: str | None = None
+        self.action: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        if tag == "form":
+            self.in_login_form = values.get("id") == "login"
+            if self.in_login_form:
+                self.action = values.get("action") or None
+        elif tag == "input" and self.in_login_form and self.token is None:
+            if values.get("name") == "logintoken":
+                self.token = values.get("value", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self.in_login_form = False
+
+
+def parse_login_form(page: str) -> tuple[str | None, str | None]:
+    """Return (logintoken, form action) of the id="login" form, None when absent."""
+    parser = LoginFormParser()
+    parser.feed(page)
+    parser.close()
+    return parser.token, parser.action
+
+
+@dataclass(eq=False)
+class User:
+    """A logged-in user: credentials, its own HTTP session and cookie jar."""
+
+    credentials: Credentials
+    http: aiohttp.ClientSession
+    busy: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.credentials.username
+
+
+class Site:
+    """The target site: its URLs and the login decision."""
+
+    def __init__(self, config: LoadConfig, login_timeout_s: float) -> None:
+        self.base_url = config.base_url
+        base_path = urlsplit(config.base_url).path.rstrip("/")
+        self.login_url = config.base_url + config.login_path
+        self.login_path = base_path + config.login_path
+        self.change_password_path = base_path + CHANGE_PASSWORD_PATH
+        self.login_timeout_s = login_timeout_s
+        self.host_warned = False
+
+    def is_login_redirect(self, location_path: str) -> bool:
+        """Tell whether a redirect means the session is gone or unusable."""
+        return location_path in (self.login_path, self.change_password_path)
+
+    async def login(self, user: User) -> None:
+        """Log one user in; raise LoginFailed with the reason."""
+        try:
+            async with asyncio.timeout(self.login_timeout_s):
+                await self._login_steps(user)
+        except TimeoutError:
+            raise LoginFailed(
+                "timeout", f"timed out after {self.login_timeout_s:g} s"
+            ) from None
+        except aiohttp.ClientError as err:
+            raise LoginFailed("connection_error", f"connection error: {err}") from None
+
+    async def _login_steps(self, user: User) -> None:
+        http = user.http
+        async with http.get(self.login_url, max_redirects=MAX_LOGIN_REDIRECTS) as resp:
+            page = await resp.text(errors="replace")
+            page_url = str(resp.url)
+            status = resp.status
+        if status != 200:
+            raise LoginFailed("http_status", f"HTTP {status} from GET {self.login_url}")
+        self._warn_on_other_host(page_url)
+        token, action = parse_login_form(page)
+        if token is None:
+            log.warning("No logintoken for %s", user.name)
+        form = {"anchor": ""}
+        if token is not None:
+            form["logintoken"] = token
+        form["username"] = user.credentials.username
+        form["password"] = user.credentials.password
+        post_url = urljoin(page_url, action) if action else page_url
+        async with http.post(post_url, data=form, allow_redirects=False) as resp:
+            await resp.read()
+            status, location = resp.status, resp.headers.get("Location")
+        if status == 200:
+            raise LoginFailed("locked_or_unconfirmed")
+        await self._follow_login_chain(user, post_url, status, location)
+
+    async def _follow_login_chain(
+        self, user: User, url: str, status: int, location: str | None
+    ) -> None:
+        """Follow the redirects after the login POST and decide the outcome.
+
+        The decision reads only status codes and Location paths, never page text,
+        because Moodle sites answer in many languages.
+        """
+        for _hop in range(MAX_LOGIN_REDIRECTS):
+            if status not in REDIRECT_STATUSES or not location:
+                if status == 200:
+                    # Moodle shows the "cookies not enabled" page at testsession
+                    # when the session cookie did not come back.
+                    raise LoginFailed("no_session_cookie")
+                raise LoginFailed("http_status", f"HTTP {status} from {url}")
+            url = urljoin(url, location)
+            parts = urlsplit(url)
+            if parts.path == self.change_password_path:
+                raise LoginFailed("password_change_required")
+            if parts.path != self.login_path:
+                break
+            if "testsession=" not in parts.query:
+                raise LoginFailed("invalid_login")
+            async with user.http.get(url, allow_redirects=False) as resp:
+                await resp.read()
+                status, location = resp.status, resp.headers.get("Location")
+        else:
+            raise LoginFailed("http_status", f"more than {MAX_LOGIN_REDIRECTS}"
+                              f" redirects after the login, the last to {url}")
+        self._require_session_cookie(user)
+
+    def _require_session_cookie(self, user: User) -> None:
+        for cookie in user.http.cookie_jar:
+            if cookie.key.startswith(SESSION_COOKIE_PREFIX) and cookie.value:
+                return
+        raise LoginFailed("no_session_cookie")
+
+    def _warn_on_other_host(self, page_url: str) -> None:
+        wanted, got = urlsplit(self.base_url), urlsplit(page_url)
+        if (wanted.scheme, wanted.netloc) != (got.scheme, got.netloc):
+            if not self.host_warned:
+                self.host_warned = True
+                log.warning(
+                    "The login page redirected from %s to %s://%s: set base_url to"
+                    " the site's wwwroot, or every page will be a redirect",
+                    self.base_url, got.scheme, got.netloc,
+                )
+
+
+async def login_users(
+    site: Site, users: list[User], concurrency: int
+) -> tuple[list[User], collections.Counter[str]]:
+    """Log users in, at most `concurrency` at a time; return those logged in."""
+    log.info("Logging in %d users...", len(users))
+    limit = asyncio.Semaphore(concurrency)
+    failures: collections.Counter[str] = collections.Counter()
+
+    async def login_one(user: User) -> bool:
+        async with limit:
+            try:
+                await site.login(user)
+            except LoginFailed as err:
+                failures[err.reason] += 1
+                log.error("Login failed for %s: %s", user.name, err)
+                return False
+            return True
+
+    results = await asyncio.gather(*(login_one(user) for user in users))
+    logged_in = [user for user, ok in zip(users, results, strict=True) if ok]
+    log.info("%d of %d users logged in", len(logged_in), len(users))
+    return logged_in, failures
+
+
+# ---------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------
+
+
+class UserPool:
+    """Hand out users round-robin, one request at a time per user session.
+
+    The user of a request is the next one in config order, or the first free one
+    after it, so the same seed and config give the same users as long as every
+    user is free when its turn comes.
+    """
+
+    def __init__(self, users: list[User]) -> None:
+        self.users = list(users)
+        self.cursor = 0
+        self.released = asyncio.Event()
+
+    def take(self) -> User | None:
+        count = len(self.users)
+        for step in range(count):
+            index = (self.cursor + step) % count
+            user = self.users[index]
+            if not user.busy:
+                user.busy = True
+                self.cursor = index + 1
+                return user
+        return None
+
+    async def acquire(self) -> User | None:
+        """Wait for a free user; None when no user is left."""
+        while self.users:
+            user = self.take()
+            if user is not None:
+                return user
+            self.released.clear()
+            await self.released.wait()
+        return None
+
+    def release(self, user: User) -> None:
+        user.busy = False
+        self.released.set()
+
+    def remove(self, user: User) -> None:
+        self.users.remove(user)
+        self.released.set()
+
+
+@dataclass
+class LoadOptions:
+    rpm: int
+    duration_s: int
+    concurrency: int
+    timeout_s: float
+    progress_s: int
+    seed: int
+    login_timeout_s: float = 20.0
+    insecure: bool = False
+
+
+@dataclass
+class RunState:
+    """What the summary needs beyond the statistics."""
+
+    start_wall: float = 0.0
+    start_mono: float = 0.0
+    stop_mono: float = 0.0
+    end_wall: float = 0.0
+    due: int = 0
+    sent: int = 0
+    cancelled: int = 0
+    relogins: int = 0
+    relogin_failures: collections.Counter[str] = field(
+        default_factory=collections.Counter
+    )
+    signal: int | None = None
+    users_lost: bool = False
+
+
+class LoadRunner:
+    """Send the scheduled requests and collect their results."""
+
+    def __init__(
+        self, site: Site, plan: RequestPlan, pool: UserPool, options: LoadOptions,
+        requests_log: IO[str] | None,
+    ) -> None:
+        self.site = site
+        self.plan = plan
+        self.pool = pool
+        self.options = options
+        self.stats = Stats()
+        self.templates: dict[str, Stats] = {t.path: Stats() for t in plan.templates}
+        self.state = RunState()
+        self.concurrency = min(options.concurrency, len(pool.users))
+        self.slots = asyncio.Semaphore(self.concurrency)
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.stop = asyncio.Event()
+        self.csv = csv.writer(requests_log) if requests_log else None
+        if self.csv:
+            self.csv.writerow(CSV_COLUMNS)
+        self.behind_since_warning = 0
+        self.last_behind_warning = -math.inf
+
+    def request_stop(self, signum: int) -> None:
+        if self.state.signal is None:
+            self.state.signal = signum
+            log.warning("Received %s: stopping", signal.Signals(signum).name)
+        self.stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        options = self.options
+        self.state.due = -(-options.duration_s * options.rpm // 60)
+        self.state.start_wall = time.time()
+        self.state.start_mono = loop.time()
+        end = self.state.start_mono + options.duration_s
+        dispatcher = asyncio.create_task(self._dispatch())
+        stopper = asyncio.create_task(self.stop.wait())
+        progress = asyncio.create_task(self._report_progress())
+        await asyncio.wait({dispatcher, stopper}, timeout=end - loop.time(),
+                           return_when=asyncio.FIRST_COMPLETED)
+        finished = dispatcher.done() and not self.stop.is_set()
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+        # A completed schedule lasted --duration, even though its last request
+        # was due one interval before the end.
+        self.state.stop_mono = end if finished else min(loop.time(), end)
+        await self._drain(stopper)
+        progress.cancel()
+        stopper.cancel()
+        await asyncio.gather(progress, stopper, return_exceptions=True)
+        self.state.end_wall = time.time()
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = 60.0 / self.options.rpm
+        start = self.state.start_mono
+        for index in range(self.state.due):
+            due = start + index * interval
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self.slots.acquire()
+            try:
+                user = await self.pool.acquire()
+            except BaseException:
+                self.slots.release()
+                raise
+            if user is None:
+                self.slots.release()
+                self.state.users_lost = True
+                log.error("No user is logged in any more: stopping the load")
+                self.stop.set()
+                return
+            template, url = self.plan.next()
+            self.state.sent += 1
+            task = loop.create_task(self._send(due, user, template.path, url))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+
+    async def _send(self, due: float, user: User, template: str, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        status = nbytes = 0
+        location = None
+        try:
+            async with user.http.get(url, allow_redirects=False) as resp:
+                status = resp.status
+                if 300 <= status < 400:
+                    location = resp.headers.get("Location", "")
+                body = await resp.read()
+            nbytes = len(body)
+            outcome = self._classify(status, location)
+        except TimeoutError:
+            outcome = "timeout"
+        except aiohttp.ClientError:
+            outcome = "connection_error"
+        done = loop.time()
+        try:
+            location_path = None
+            if location is not None:
+                location_path = urlsplit(urljoin(url, location)).path
+            result = Result(due, user.name, template, url, status, (done - due) * 1000,
+                            (done - sent) * 1000, (sent - due) * 1000, nbytes,
+                            outcome, location_path)
+            self._record(result)
+            if outcome == "login_required":
+                await self._relogin(user)
+        finally:
+            self.pool.release(user)
+            self.slots.release()
+
+    def _classify(self, status: int, location: str | None) -> str:
+        if status < 300:
+            return "success"
+        if status < 400:
+            if location and self.site.is_login_redirect(urlsplit(location).path):
+                return "login_required"
+            return "success"
+        return "http_4xx" if status < 500 else "http_5xx"
+
+    def _record(self, result: Result) -> None:
+        self.stats.record(result)
+        self.templates[result.template].record(result)
+        if result.lag_ms > LATE_AFTER_S * 1000:
+            self._note_late(result.lag_ms)
+        if self.csv is not None:
+            self.csv.writerow(self._csv_row(result))
+
+    def _csv_row(self, result: Result) -> list[Any]:
+        wall = self.state.start_wall + (result.due - self.state.start_mono)
+        scheduled = datetime.datetime.fromtimestamp(wall, datetime.UTC)
+        return [scheduled.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                result.user, result.template, result.url, result.status or "",
+                f"{result.latency_ms:.3f}", f"{result.service_ms:.3f}",
+                result.nbytes, result.outcome]
+
+    def _note_late(self, lag_ms: float) -> None:
+        self.behind_since_warning += 1
+        now = time.monotonic()
+        if now - self.last_behind_warning >= BEHIND_WARNING_EVERY_S:
+            log.warning(
+                "Falling behind: %d requests started late since the last warning,"
+                " the latest %.0f ms after its due time; raise --concurrency or"
+                " lower --rpm", self.behind_since_warning, lag_ms,
+            )
+            self.last_behind_warning = now
+            self.behind_since_warning = 0
+
+    async def _relogin(self, user: User) -> None:
+        self.state.relogins += 1
+        user.http.cookie_jar.clear()
+        try:
+            await self.site.login(user)
+        except LoginFailed as err:
+            self.state.relogin_failures[err.reason] += 1
+            log.error("Login failed for %s: %s", user.name, err)
+            self.pool.remove(user)
+
+    async def _drain(self, stopper: asyncio.Task[Any]) -> None:
+        """Give in-flight requests up to --timeout (2 s after a signal) to finish."""
+        loop = asyncio.get_running_loop()
+        grace = INTERRUPT_GRACE_S if self.state.signal else self.options.timeout_s + 1
+        deadline = loop.time() + grace
+        while self.in_flight and loop.time() < deadline:
+            waiters: set[asyncio.Future[Any]] = set(self.in_flight)
+            if not self.stop.is_set():
+                waiters.add(stopper)
+            await asyncio.wait(waiters, timeout=deadline - loop.time(),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.state.signal is not None:
+                deadline = min(deadline, loop.time() + INTERRUPT_GRACE_S)
+        self.state.cancelled = len(self.in_flight)
+        for task in list(self.in_flight):
+            task.cancel()
+        await asyncio.gather(*self.in_flight, return_exceptions=True)
+
+    def elapsed_s(self) -> float:
+        end = self.state.stop_mono or asyncio.get_running_loop().time()
+        return max(end - self.state.start_mono, 0.0)
+
+    async def _report_progress(self) -> None:
+        every = self.options.progress_s
+        if every <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        previous_total, previous_time = 0, loop.time()
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            total = self.stats.total
+            elapsed = now - self.state.start_mono
+            interval_rpm = (total - previous_total) * 60 / max(now - previous_time,
+                                                                1e-9)
+            previous_total, previous_time = total, now
+            line = {
+                "elapsed_sec": round(elapsed, 1),
+                "total": total,
+                "success": self.stats.success,
+                "failures": total - self.stats.success,
+                "req_per_min_observed": round(total * 60 / max(elapsed, 1e-9), 1),
+                "req_per_min_last_interval": round(interval_rpm, 1),
+            }
+            for percent in PERCENTILES:
+                value = self.stats.latency.percentile(percent)
+                line[f"latency_ms_p{percent}"] = rounded(value)
+            log.log(PROGRESS, "%s", json.dumps(line))
+
+
+# ---------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------
+
+
+def iso_utc(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def redirect_warnings(templates: dict[str, Stats]) -> list[str]:
+    """Name the templates whose answers were mostly redirects."""
+    warnings = []
+    for path, stats in templates.items():
+        if stats.total and stats.redirects / stats.total > REDIRECT_WARNING_SHARE:
+            target = stats.locations.most_common(1)[0][0]
+            warnings.append(
+                f"{stats.redirects} of {stats.total} answers to {path} were"
+                f" redirects, most to {target}: that page is not being measured;"
+                " check that the users may see it (for /enrol/index.php, enrol them)"
+            )
+    return warnings
+
+
+def build_summary(
+    runner: LoadRunner | None, options: LoadOptions, configured_users: int,
+    logged_in: int, login_failures: collections.Counter[str],
+    interrupted: bool, times: tuple[float, float],
+) -> dict[str, Any]:
+    """Build the JSON summary; runner is None when the load phase never started."""
+    stats = runner.stats if runner else Stats()
+    state = runner.state if runner else RunState()
+    elapsed = runner.elapsed_s() if runner else 0.0
+    per_minute = 60 / elapsed if elapsed > 0 else 0.0
+    summary: dict[str, Any] = {
+        "interrupted": interrupted,
+        "start_time": iso_utc(times[0]),
+        "end_time": iso_utc(times[1]),
+        "elapsed_sec": round(elapsed, 3),
+        "target_rpm": options.rpm,
+        "req_per_min_observed": round(stats.total * per_minute, 1),
+        "success_per_min": round(stats.success * per_minute, 1),
+        "target_rpm_reached": bool(state.due)
+        and state.sent >= RATE_REACHED_SHARE * state.due,
+        "duration_sec": options.duration_s,
+        "concurrency": options.concurrency,
+        "concurrency_used": runner.concurrency if runner else 0,
+        "seed": options.seed,
+        "users_configured": configured_users,
+        "users_logged_in": logged_in,
+        "login_failures": dict(sorted(login_failures.items())),
+        "relogins": state.relogins,
+        "relogin_failures": dict(sorted(state.relogin_failures.items())),
+        "requests_due": state.due,
+        "requests_sent": state.sent,
+        "requests_not_sent": max(state.due - state.sent, 0),
+        "requests_cancelled": state.cancelled,
+    }
+    summary.update(stats.summary())
+    templates = runner.templates if runner else {}
+    summary["percentile_method"] = (
+        "nearest rank over a log-linear histogram, within 0.4 % of a recorded value"
+    )
+    summary["templates"] = {path: s.summary() for path, s in templates.items()}
+    summary["warnings"] = redirect_warnings(templates)
+    return summary
+
+
+def write_stdout(text: str) -> None:
+    """Print the summary; a closed stdout pipe is logged, not a crash."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would fail again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        log.warning("stdout is closed: the summary was not printed there")
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def open_outputs(args: argparse.Namespace) -> IO[str] | None:
+    """Check --output and open --requests-log before any network traffic."""
+    if args.output is not None and not args.output.parent.is_dir():
+        raise ConfigError([f"error: folder does not exist, --output {args.output},"
+                           " create the folder or choose another path"])
+    if args.requests_log is None:
+        return None
+    try:
+        return args.requests_log.open("w", newline="", encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"error: cannot write the requests log ({err.strerror}),"
+                           f" --requests-log {args.requests_log}, choose a writable"
+                           " path"]) from None
+
+
+def make_users(
+    config: LoadConfig, connector: aiohttp.BaseConnector, timeout_s: float
+) -> list[User]:
+    """Give each user its own session and cookie jar over one shared connector."""
+    users = []
+    for credentials in config.users:
+        # unsafe=True keeps cookies of IP-address hosts such as 127.0.0.1.
+        http = aiohttp.ClientSession(
+            connector=connector, connector_owner=False,
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            headers={"User-Agent": USER_AGENT},
+        )
+        users.append(User(credentials, http))
+    return users
+
+
+async def run(
+    config: LoadConfig, options: LoadOptions, requests_log: IO[str] | None = None
+) -> tuple[dict[str, Any], int]:
+    """Log in, run the load and return (summary, exit code)."""
+    loop = asyncio.get_running_loop()
+    stop_signal: list[int] = []
+    runner: LoadRunner | None = None
+    main_task = asyncio.current_task()
+
+    def on_signal(signum: int) -> None:
+        if runner is not None:
+            runner.request_stop(signum)
+        elif not stop_signal and main_task is not None:
+            stop_signal.append(signum)
+            main_task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    started = time.time()
+    site = Site(config, options.login_timeout_s)
+    connector = aiohttp.TCPConnector(
+        limit=options.concurrency, limit_per_host=0,
+        ssl=False if options.insecure else True,
+    )
+    users = make_users(config, connector, options.timeout_s)
+    logged_in: list[User] = []
+    failures: collections.Counter[str] = collections.Counter()
+    try:
+        logged_in, failures = await login_users(site, users, options.concurrency)
+        if logged_in:
+            runner = start_runner(site, config, options, logged_in, requests_log)
+            await runner.run()
+    except asyncio.CancelledError:
+        if not stop_signal:
+            raise
+        log.warning("Received %s during the login: stopping",
+                    signal.Signals(stop_signal[0]).name)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await asyncio.gather(*(user.http.close() for user in users))
+        await connector.close()
+    signum = stop_signal[0] if stop_signal else runner.state.signal if runner else None
+    times = (started, time.time())
+    if runner is not None:
+        times = (runner.state.start_wall, runner.state.end_wall)
+    summary = build_summary(runner, options, len(users), len(logged_in), failures,
+                            signum is not None, times)
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
+    return summary, exit_code(signum, logged_in, runner)
+
+
+def start_runner(
+    site: Site, config: LoadConfig, options: LoadOptions, users: list[User],
+    requests_log: IO[str] | None,
+) -> LoadRunner:
+    pool = UserPool(users)
+    runner = LoadRunner(site, RequestPlan(config, options.seed), pool, options,
+                        requests_log)
+    if len(users) < options.concurrency:
+        log.warning(
+            "Only %d users are logged in: they cap the concurrency at %d instead of"
+            " %d, because each user has one request in flight at a time",
+            len(users), len(users), options.concurrency,
+        )
+    log.info("Load: %d requests per minute for %d s, concurrency %d, seed %d",
+             options.rpm, options.duration_s, runner.concurrency, options.seed)
+    return runner
+
+
+def exit_code(
+    signum: int | None, logged_in: list[User], runner: LoadRunner | None
+) -> int:
+    if signum == signal.SIGINT:
+        return EXIT_SIGINT
+    if signum == signal.SIGTERM:
+        return EXIT_SIGTERM
+    if not logged_in:
+        log.error("No user could log in: check the usernames, passwords and"
+                  " base_url in the config, and the [ERROR] lines above")
+        return EXIT_NO_LOGIN
+    if runner is not None and runner.state.users_lost:
+        return EXIT_NO_LOGIN
+    return EXIT_OK
+
+
+def configure_logging() -> None:
+    logging.addLevelName(PROGRESS, "PROGRESS")
+    logging.addLevelName(logging.WARNING, "WARN")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def int_at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Log Moodle users in and request pages at a fixed rate; print a"
+        " JSON summary of latency, outcomes and Moodle's server figures on stdout.",
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument("--config", type=Path, required=True, metavar="PATH",
+                      help="JSON config with base_url, users, parameters and urls")
+    load.add_argument("--rpm", type=int_at_least(1), required=True, metavar="N",
+                      help="target rate in requests per minute, e.g. 1200")
+    load.add_argument("--duration", type=int_at_least(1), required=True,
+                      metavar="SECONDS", help="length of the load phase in seconds")
+    load.add_argument("--concurrency", type=int_at_least(1), default=20,
+                      metavar="N", help="most requests in flight at once, and most"
+                      " logins at once (default 20)")
+    load.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="N",
+                      help="seed of the URL and parameter choices; the same seed and"
+                      f" config request the same URLs (default {DEFAULT_SEED})")
+    http = parser.add_argument_group("HTTP")
+    http.add_argument("--timeout", type=positive_float, default=30.0,
+                      metavar="SECONDS", help="limit per request, body included;"
+                      " after --duration, in-flight requests get this long"
+                      " (default 30)")
+    http.add_argument("--login-timeout", type=positive_float, default=20.0,
+                      metavar="SECONDS", help="limit for the whole login of one user"
+                      " (default 20)")
+    http.add_argument("--insecure", action="store_true",
+                      help="do not verify TLS certificates (self-signed test sites)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--progress", type=int_at_least(0), default=30,
+                        metavar="SECONDS", help="print a [PROGRESS] line on stderr"
+                        " this often; 0 turns it off (default 30)")
+    output.add_argument("--output", type=Path, metavar="PATH",
+                        help="also write the JSON summary to this file")
+    output.add_argument("--requests-log", type=Path, metavar="PATH",
+                        help="write one CSV row per request to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        config = load_config(args.config)
+        requests_log = open_outputs(args)
+    except ConfigError as err:
+        for line in err.lines:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+
+    options = LoadOptions(args.rpm, args.duration, args.concurrency, args.timeout,
+                          args.progress, args.seed, args.login_timeout, args.insecure)
+    try:
+        summary, code = asyncio.run(run(config, options, requests_log))
+    finally:
+        if requests_log is not None:
+            requests_log.close()
+
+    text = json.dumps(summary, indent=2) + "\n"
+    if args.output is not None:
+        try:
+            args.output.write_text(text, encoding="utf-8")
+        except OSError as err:
+            log.error("Cannot write --output %s: %s", args.output, err.strerror)
+    write_stdout(text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,817 @@
+"""Tests of moodle_load.py against the in-process Moodle-like site on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import csv
+import io
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import moodle_load
+from tests.moodle_site import MoodleSite, SiteUser, default_users
+
+SCRIPT = Path(__file__).resolve().parent.parent / "moodle_load.py"
+
+BASE_CONFIG: dict[str, Any] = {
+    "base_url": "http://127.0.0.1:8080",
+    "login_path": "/login/index.php",
+    "users": [
+        {"username": "tool_generator_000001", "password": "moodle"},
+        {"username": "tool_generator_000002", "password": "moodle"},
+    ],
+    "parameters": {
+        "courseid": {"min": 10, "max": 13},
+        "userid": {"min": 3, "max": 102},
+    },
+    "urls": [
+        {"path": "/my/"},
+        {"path": "/course/view.php?id={courseid}", "weight": 2},
+        {"path": "/user/profile.php?id={userid}"},
+    ],
+}
+
+
+def config_dict(base_url: str, **changes: Any) -> dict[str, Any]:
+    config = copy.deepcopy(BASE_CONFIG)
+    config["base_url"] = base_url
+    config.update(changes)
+    return config
+
+
+def generated_users(count: int, password: str = "moodle") -> list[dict[str, str]]:
+    return [
+        {"username": f"tool_generator_{number:06d}", "password": password}
+        for number in range(1, count + 1)
+    ]
+
+
+def load_options(**changes: Any) -> moodle_load.LoadOptions:
+    values: dict[str, Any] = {
+        "rpm": 1200, "duration_s": 1, "concurrency": 5, "timeout_s": 5.0,
+        "progress_s": 0, "seed": 1, "login_timeout_s": 5.0,
+    }
+    values.update(changes)
+    return moodle_load.LoadOptions(**values)
+
+
+async def run_load(
+    config: dict[str, Any], **changes: Any
+) -> tuple[dict[str, Any], int, list[dict[str, str]]]:
+    """Run the generator in this event loop; return summary, exit code, CSV rows."""
+    log_file = io.StringIO()
+    parsed = moodle_load.parse_config(config)
+    summary, code = await moodle_load.run(parsed, load_options(**changes), log_file)
+    rows = list(csv.DictReader(io.StringIO(log_file.getvalue())))
+    return summary, code, rows
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# Histogram and percentiles
+# ---------------------------------------------------------------------------
+
+
+def test_histogram_no_samples() -> None:
+    histogram = moodle_load.Histogram()
+    assert histogram.percentile(50) is None
+    assert histogram.percentile(99) is None
+    assert histogram.mean() is None
+
+
+def test_histogram_one_sample() -> None:
+    histogram = moodle_load.Histogram()
+    histogram.record(123.456)
+    for percent in (1, 50, 95, 99, 100):
+        assert histogram.percentile(percent) == 123.456
+
+
+def test_histogram_two_samples() -> None:
+    histogram = moodle_load.Histogram()
+    histogram.record(900.5)
+    histogram.record(10.25)
+    # Nearest rank: p50 is rank ceil(0.5 * 2) = 1, p95 and p99 are rank 2.
+    assert histogram.percentile(50) == 10.25
+    assert histogram.percentile(95) == 900.5
+    assert histogram.percentile(99) == 900.5
+
+
+def test_histogram_twenty_samples() -> None:
+    histogram = moodle_load.Histogram()
+    values = [10.0 * number for number in range(1, 21)]  # 10 ms ... 200 ms
+    for value in reversed(values):
+        histogram.record(value)
+    # p50 is rank 10 (100 ms), p95 rank 19 (190 ms), p99 rank 20 (200 ms).
+    assert histogram.percentile(50) == pytest.approx(100.0, rel=0.004)
+    assert histogram.percentile(95) == pytest.approx(190.0, rel=0.004)
+    assert histogram.percentile(99) == 200.0
+    assert histogram.percentile(5) == 10.0
+    assert histogram.mean() == pytest.approx(105.0)
+
+
+def test_histogram_small_values_exact() -> None:
+    histogram = moodle_load.Histogram(scale=1)
+    for value in [35, 35, 36, 36, 36, 40]:
+        histogram.record(value)
+    assert histogram.percentile(50) == 36
+    assert histogram.percentile(34) == 36
+    assert histogram.percentile(33) == 35
+
+
+def test_histogram_memory_bounded() -> None:
+    histogram = moodle_load.Histogram()
+    value = 0.001
+    for _ in range(200_000):
+        histogram.record(value)
+        value = value * 1.0001 if value < 30_000 else 0.001
+    assert histogram.count == 200_000
+    assert len(histogram.buckets) < 3_000
+
+
+def test_histogram_relative_precision() -> None:
+    for value in (0.3, 1.5, 17.77, 250.0, 1234.5, 29_999.0):
+        histogram = moodle_load.Histogram()
+        for _ in range(10):
+            histogram.record(value * 0.5)
+            histogram.record(value)
+            histogram.record(value * 2)
+        assert histogram.percentile(50) == pytest.approx(value, rel=0.004)
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def test_config_valid() -> None:
+    config = moodle_load.parse_config(config_dict("http://127.0.0.1:8080/"))
+    assert config.base_url == "http://127.0.0.1:8080"
+    assert config.login_path == "/login/index.php"
+    assert config.parameters == {"courseid": (10, 13), "userid": (3, 102)}
+    assert config.urls[1].fields == ("courseid",)
+    assert config.urls[0].weight == 1.0
+
+
+def test_config_login_path_default() -> None:
+    data = config_dict("http://127.0.0.1:8080")
+    del data["login_path"]
+    del data["parameters"]
+    data["urls"] = [{"path": "/my/"}]
+    assert moodle_load.parse_config(data).login_path == "/login/index.php"
+
+
+def without(key: str) -> Any:
+    def change(data: dict[str, Any]) -> None:
+        del data[key]
+
+    return change
+
+
+def setting(path: tuple[Any, ...], value: Any) -> Any:
+    def change(data: dict[str, Any]) -> None:
+        target = data
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+
+    return change
+
+
+CONFIG_ERRORS = [
+    (without("base_url"), 'error: missing key, "base_url"'),
+    (setting(("base_url",), "ftp://127.0.0.1"), "base_url is not an http or https"),
+    (setting(("base_url",), "127.0.0.1:8080"), "base_url is not an http or https"),
+    (setting(("base_url",), 8080), "base_url is not an http or https"),
+    (setting(("base_url",), "http://127.0.0.1/?x=1"), "base_url has a query"),
+    (setting(("login_path",), "login/index.php"), "login_path must be a path"),
+    (without("users"), 'error: missing key, "users"'),
+    (setting(("users",), []), "users must be a non-empty list"),
+    (setting(("users", 0), "admin"), "error: user is not an object, users[0]"),
+    (setting(("users", 0), {"password": "x"}), "missing or empty username, users[0]"),
+    (setting(("users", 1), {"username": "tool_generator_000001", "password": "x"}),
+     "duplicate username, users[1].username"),
+    (setting(("users", 0), {"username": "a"}), "missing password, users[0].password"),
+    (setting(("parameters",), []), "parameters must be an object"),
+    (setting(("parameters", "courseid"), 5), "parameter is not an object"),
+    (setting(("parameters", "courseid"), {"max": 5}),
+     "missing key, parameters.courseid.min"),
+    (setting(("parameters", "courseid", "min"), "10"),
+     'not an integer, parameters.courseid.min = "10"'),
+    (setting(("parameters", "courseid", "max"), 12.5),
+     "not an integer, parameters.courseid.max = 12.5"),
+    (setting(("parameters", "courseid", "max"), True),
+     "not an integer, parameters.courseid.max = true"),
+    (setting(("parameters", "courseid"), {"min": 13, "max": 10}),
+     "min is greater than max, parameters.courseid (min 13, max 10)"),
+    (without("urls"), 'error: missing key, "urls"'),
+    (setting(("urls",), []), "urls must be a non-empty list"),
+    (setting(("urls", 0), "/my/"), "url is not an object, urls[0]"),
+    (setting(("urls", 0), {"path": "my/"}), "path must start with /, urls[0].path"),
+    (setting(("urls", 0), {"weight": 1}), "path must start with /, urls[0].path"),
+    (setting(("urls", 0), {"path": "/my/", "weight": 0}), "weight must be a number"),
+    (setting(("urls", 0), {"path": "/my/", "weight": "2"}), "weight must be a number"),
+    (setting(("urls", 0), {"path": "/x?id={cmid}"}),
+     "placeholder has no parameter, urls[0].path {cmid}"),
+    (setting(("urls", 0), {"path": "/x?id={courseid"}), "invalid placeholder"),
+    (setting(("urls", 0), {"path": "/x?id={courseid!r}"}), "invalid placeholder"),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), CONFIG_ERRORS)
+def test_config_error_names_key(change: Any, expected: str) -> None:
+    data = config_dict("http://127.0.0.1:8080")
+    change(data)
+    with pytest.raises(moodle_load.ConfigError) as caught:
+        moodle_load.parse_config(data)
+    lines = caught.value.lines
+    assert any(expected in line for line in lines), lines
+    assert all(line.startswith("error: ") for line in lines)
+    assert all("\n" not in line for line in lines)
+
+
+def test_config_lists_every_problem() -> None:
+    data = config_dict("gopher://x", users=[], urls=[{"path": "/a?{nope}"}])
+    with pytest.raises(moodle_load.ConfigError) as caught:
+        moodle_load.parse_config(data)
+    assert len(caught.value.lines) == 3
+
+
+def test_config_not_an_object() -> None:
+    with pytest.raises(moodle_load.ConfigError) as caught:
+        moodle_load.parse_config([1, 2])
+    assert caught.value.lines[0].startswith("error: config is a JSON list")
+
+
+def test_config_json_syntax_error_position(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "base_url": "http://127.0.0.1",\n  "users": [,]\n}\n')
+    with pytest.raises(moodle_load.ConfigError) as caught:
+        moodle_load.load_config(path)
+    line = caught.value.lines[0]
+    assert f"{path} line 3 column 13" in line
+    assert line.startswith("error: invalid JSON")
+
+
+def test_config_byte_order_mark_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    text = json.dumps(config_dict("http://127.0.0.1:8080"))
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert moodle_load.load_config(path).base_url == "http://127.0.0.1:8080"
+
+
+def test_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"base_url": "http://caf\xe9"}')
+    with pytest.raises(moodle_load.ConfigError) as caught:
+        moodle_load.load_config(path)
+    assert "config file is not UTF-8" in caught.value.lines[0]
+
+
+def test_config_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(moodle_load.ConfigError) as caught:
+        moodle_load.load_config(tmp_path / "nope.json")
+    assert "cannot read the config file" in caught.value.lines[0]
+
+
+def test_main_config_error_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config_dict("ftp://x", users=[])))
+    code = moodle_load.main(["--config", str(path), "--rpm", "60", "--duration", "1"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert err.splitlines()[0].startswith("error: base_url is not an http")
+    assert err.splitlines()[1].startswith("error: users must be")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--rpm", "0", "--duration", "1"],
+        ["--rpm", "60", "--duration", "x"],
+        ["--rpm", "60", "--duration", "1", "--concurrency", "0"],
+        ["--rpm", "60", "--duration", "1", "--timeout", "-1"],
+        ["--duration", "1"],
+    ],
+)
+def test_main_bad_argument_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        moodle_load.main(["--config", str(tmp_path / "c.json"), *argv])
+    assert caught.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Request plan
+# ---------------------------------------------------------------------------
+
+
+def test_plan_same_seed_same_urls() -> None:
+    config = moodle_load.parse_config(config_dict("http://127.0.0.1:8080"))
+    first = moodle_load.RequestPlan(config, 7)
+    second = moodle_load.RequestPlan(config, 7)
+    other = moodle_load.RequestPlan(config, 8)
+    urls_first = [first.next()[1] for _ in range(200)]
+    assert urls_first == [second.next()[1] for _ in range(200)]
+    assert urls_first != [other.next()[1] for _ in range(200)]
+
+
+def test_plan_weights_and_ranges() -> None:
+    config = moodle_load.parse_config(config_dict("http://127.0.0.1:8080"))
+    plan = moodle_load.RequestPlan(config, 1)
+    counts: dict[str, int] = {}
+    course_ids = set()
+    for _ in range(8000):
+        template, url = plan.next()
+        counts[template.path] = counts.get(template.path, 0) + 1
+        if template.path.startswith("/course/"):
+            course_ids.add(int(url.rsplit("=", 1)[1]))
+    assert counts["/course/view.php?id={courseid}"] == pytest.approx(4000, rel=0.05)
+    assert counts["/my/"] == pytest.approx(2000, rel=0.08)
+    assert course_ids == {10, 11, 12, 13}
+
+
+# ---------------------------------------------------------------------------
+# Login
+# ---------------------------------------------------------------------------
+
+
+LOGIN_FORMS = [
+    '<form class="login-form" action="/login/index.php" method="post" id="login">'
+    '<input type="hidden" name="logintoken" value="TOKEN1"></form>',
+    "<form id='login' method='post'><input value='TOKEN1' type='hidden'"
+    " name='logintoken'></form>",
+    '<FORM ID="login"><INPUT NAME=logintoken VALUE=TOKEN1></FORM>',
+    '<form id="guestlogin"><input name="logintoken" value="GUEST"></form>'
+    '<form id="login"><input name="username"><input name="logintoken"'
+    ' value="TOKEN1"></form>',
+]
+
+
+@pytest.mark.parametrize("page", LOGIN_FORMS)
+def test_login_form_token_any_markup(page: str) -> None:
+    token, _action = moodle_load.parse_login_form(page)
+    assert token == "TOKEN1"
+
+
+def test_login_form_without_token() -> None:
+    page = '<form id="guestlogin"><input name="logintoken" value="G"></form>'
+    assert moodle_load.parse_login_form(page) == (None, None)
+
+
+async def try_login(
+    base_url: str, username: str, password: str, login_path: str = "/login/index.php",
+    login_timeout_s: float = 5.0,
+) -> str:
+    """Log one user in; return "ok" or the failure reason."""
+    data = config_dict(base_url, login_path=login_path,
+                       users=[{"username": username, "password": password}])
+    config = moodle_load.parse_config(data)
+    site = moodle_load.Site(config, login_timeout_s)
+    connector = aiohttp.TCPConnector()
+    [user] = moodle_load.make_users(config, connector, 5.0)
+    try:
+        await site.login(user)
+        return "ok"
+    except moodle_load.LoginFailed as err:
+        return err.reason
+    finally:
+        await user.http.close()
+        await connector.close()
+
+
+@pytest.fixture
+async def blocked_site() -> AsyncIterator[MoodleSite]:
+    """A site whose extra users are each blocked in one way."""
+    users = default_users() + [
+        SiteUser(200, "suspended", "moodle", suspended=True),
+        SiteUser(201, "nologin", "moodle", auth="nologin"),
+        SiteUser(202, "locked", "moodle", locked=True),
+        SiteUser(203, "unconfirmed", "moodle", confirmed=False),
+        SiteUser(204, "mustchange", "moodle", force_password_change=True),
+    ]
+    site = MoodleSite(users=users)
+    await site.start()
+    yield site
+    await site.close()
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "expected"),
+    [
+        ("tool_generator_000001", "moodle", "ok"),
+        ("admin", "Admin#2026pw", "ok"),
+        ("tool_generator_000001", "wrong", "invalid_login"),
+        ("no_such_user", "moodle", "invalid_login"),
+        ("suspended", "moodle", "invalid_login"),
+        ("nologin", "moodle", "invalid_login"),
+        ("locked", "moodle", "locked_or_unconfirmed"),
+        ("unconfirmed", "moodle", "locked_or_unconfirmed"),
+        ("mustchange", "moodle", "password_change_required"),
+    ],
+)
+async def test_login_outcome(
+    blocked_site: MoodleSite, username: str, password: str, expected: str
+) -> None:
+    assert await try_login(blocked_site.base_url, username, password) == expected
+
+
+async def test_login_http_status(moodle_site: MoodleSite) -> None:
+    reason = await try_login(moodle_site.base_url, "tool_generator_000001", "moodle",
+                             login_path="/no/login.php")
+    assert reason == "http_status"
+
+
+async def test_login_connection_error() -> None:
+    base_url = f"http://127.0.0.1:{free_port()}"
+    reason = await try_login(base_url, "tool_generator_000001", "moodle")
+    assert reason == "connection_error"
+
+
+async def test_login_timeout(aiohttp_plain_site: str) -> None:
+    reason = await try_login(aiohttp_plain_site, "u", "p", login_path="/hang",
+                             login_timeout_s=0.3)
+    assert reason == "timeout"
+
+
+async def test_login_cookie_on_ip_host(moodle_site: MoodleSite) -> None:
+    config = moodle_load.parse_config(config_dict(moodle_site.base_url))
+    site = moodle_load.Site(config, 5.0)
+    connector = aiohttp.TCPConnector()
+    users = moodle_load.make_users(config, connector, 5.0)
+    try:
+        await site.login(users[0])
+        names = [cookie.key for cookie in users[0].http.cookie_jar]
+        async with users[0].http.get(moodle_site.base_url + "/my/",
+                                     allow_redirects=False) as resp:
+            status = resp.status
+    finally:
+        await asyncio.gather(*(user.http.close() for user in users))
+        await connector.close()
+    assert moodle_site.base_url.startswith("http://127.0.0.1:")
+    assert "MoodleSession" in names
+    assert status == 200
+
+
+async def test_login_without_token_warns(
+    aiohttp_plain_site: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="moodle_load")
+    reason = await try_login(aiohttp_plain_site, "plain", "secret",
+                             login_path="/notoken")
+    assert reason == "ok"
+    assert "No logintoken for plain" in caplog.text
+    assert PLAIN_SITE_POSTS[-1] == {"anchor": "", "username": "plain",
+                                    "password": "secret"}
+
+
+async def test_run_nobody_logged_in(
+    moodle_site: MoodleSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = config_dict(moodle_site.base_url, users=generated_users(3, "bad"))
+    summary, code, rows = await run_load(config)
+    assert code == 3
+    assert summary["users_logged_in"] == 0
+    assert summary["login_failures"] == {"invalid_login": 3}
+    assert summary["total"] == 0
+    assert rows == []
+    assert sum(moodle_site.requests[p] for p in ("/my/", "/course/view.php")) == 0
+    assert "Login failed for tool_generator_000001: invalid login" in caplog.text
+
+
+# A plain aiohttp site for behaviours the Moodle-like site does not have.
+PLAIN_SITE_POSTS: list[dict[str, str]] = []
+
+
+@pytest.fixture
+async def aiohttp_plain_site() -> AsyncIterator[str]:
+    release = asyncio.Event()
+
+    async def login_form(request: web.Request) -> web.Response:
+        response = web.Response(
+            text='<form id="login" method="post"><input name="username"></form>',
+            content_type="text/html",
+        )
+        response.set_cookie("MoodleSession", "first")
+        return response
+
+    async def login_post(request: web.Request) -> web.Response:
+        PLAIN_SITE_POSTS.append(dict(await request.post()))
+        response = web.Response(status=303, headers={"Location": "/my/"})
+        response.set_cookie("MoodleSession", "second")
+        return response
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    async def server_error(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="maintenance")
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"partial")
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/notoken", login_form)
+    app.router.add_post("/notoken", login_post)
+    app.router.add_get("/hang", hang)
+    app.router.add_get("/error", server_error)
+    app.router.add_get("/cut", cut)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}"
+    release.set()
+    await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------
+
+
+async def test_run_rate_short(moodle_site: MoodleSite) -> None:
+    summary, code, rows = await run_load(
+        config_dict(moodle_site.base_url), rpm=1200, duration_s=3
+    )
+    assert code == 0
+    assert summary["requests_due"] == 60
+    assert summary["requests_sent"] == 60
+    assert summary["total"] == 60
+    assert summary["requests_not_sent"] == 0
+    assert summary["elapsed_sec"] == 3.0
+    assert summary["req_per_min_observed"] == 1200.0
+    assert summary["target_rpm_reached"] is True
+    assert summary["late_requests"] == 0
+    assert summary["success"] == 60
+    assert summary["status_counts"] == {"200": 60}
+    times = [row["scheduled_time"] for row in rows]
+    assert times == sorted(times)
+    first = moodle_load.datetime.datetime.fromisoformat(times[0])
+    last = moodle_load.datetime.datetime.fromisoformat(times[-1])
+    assert (last - first).total_seconds() == pytest.approx(2.95, abs=0.002)
+
+
+async def test_run_summary_keys(moodle_site: MoodleSite) -> None:
+    summary, _code, rows = await run_load(config_dict(moodle_site.base_url))
+    for key in ("elapsed_sec", "total", "success", "failures", "req_per_min_observed",
+                "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "target_rpm",
+                "target_rpm_reached", "concurrency", "seed", "users_logged_in",
+                "login_failures", "failures_by_kind", "status_counts",
+                "service_time_ms_p50", "service_time_ms_p95", "service_time_ms_p99",
+                "latency_ms_max", "late_requests", "max_lag_ms", "templates",
+                "start_time", "end_time", "interrupted"):
+        assert key in summary, key
+    assert set(summary["templates"]) == {
+        "/my/", "/course/view.php?id={courseid}", "/user/profile.php?id={userid}"
+    }
+    template = summary["templates"]["/my/"]
+    assert template["total"] == sum(1 for row in rows if row["url_template"] == "/my/")
+    assert summary["start_time"].endswith("Z")
+    assert list(rows[0]) == moodle_load.CSV_COLUMNS
+
+
+async def test_run_stall_shows_in_latency_only(moodle_site: MoodleSite) -> None:
+    moodle_site.stall(2.0, count=1)
+    summary, code, _rows = await run_load(
+        config_dict(moodle_site.base_url, urls=[{"path": "/my/"}]),
+        rpm=3000, duration_s=4, concurrency=1,
+    )
+    assert code == 0
+    assert summary["total"] == 200
+    assert summary["latency_ms_p99"] > 1800
+    assert summary["latency_ms_max"] > 1900
+    assert summary["service_time_ms_p99"] < 500
+    assert summary["service_time_ms_max"] > 1900
+    assert summary["late_requests"] > 80
+    assert summary["max_lag_ms"] > 1900
+
+
+async def test_run_one_request_per_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    site = MoodleSite(page_delay_s=0.05)
+    await site.start()
+    try:
+        config = config_dict(site.base_url, users=generated_users(3),
+                             urls=[{"path": "/my/"}])
+        summary, code, _rows = await run_load(config, rpm=6000, duration_s=1,
+                                              concurrency=10)
+    finally:
+        await site.close()
+    assert code == 0
+    assert summary["concurrency_used"] == 3
+    assert site.max_in_flight_per_session == 1
+    assert summary["late_requests"] > 0
+    assert "they cap the concurrency at 3 instead of 10" in caplog.text
+
+
+async def test_run_same_seed_same_sequence(moodle_site: MoodleSite) -> None:
+    config = config_dict(moodle_site.base_url, users=generated_users(4))
+    _s, _c, first = await run_load(config, rpm=3000, duration_s=1, seed=42)
+    _s, _c, second = await run_load(config, rpm=3000, duration_s=1, seed=42)
+    _s, _c, other = await run_load(config, rpm=3000, duration_s=1, seed=43)
+
+    def sequence(rows: list[dict[str, str]]) -> list[tuple[str, str]]:
+        ordered = sorted(rows, key=lambda row: row["scheduled_time"])
+        return [(row["user"], row["url"]) for row in ordered]
+
+    assert len(first) == 50
+    assert sequence(first) == sequence(second)
+    assert [url for _user, url in sequence(first)] != [
+        url for _user, url in sequence(other)
+    ]
+
+
+async def test_run_session_lost_logs_in_again(moodle_site: MoodleSite) -> None:
+    async def expire_later() -> None:
+        await asyncio.sleep(1.0)
+        moodle_site.expire_sessions()
+
+    expiry = asyncio.create_task(expire_later())
+    summary, code, rows = await run_load(
+        config_dict(moodle_site.base_url), rpm=1200, duration_s=2
+    )
+    await expiry
+    assert code == 0
+    assert summary["failures_by_kind"] == {"login_required": 2}
+    assert summary["relogins"] == 2
+    assert moodle_site.logins["tool_generator_000001"] == 2
+    assert moodle_site.logins["tool_generator_000002"] == 2
+    lost = [row for row in rows if row["outcome"] == "login_required"]
+    assert [row["status"] for row in lost] == ["303", "303"]
+    assert summary["success"] == summary["total"] - 2
+
+
+async def test_run_redirect_warning(
+    moodle_site: MoodleSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = config_dict(
+        moodle_site.base_url,
+        parameters={"courseid": {"min": 2, "max": 9}},
+        urls=[{"path": "/course/view.php?id={courseid}"}, {"path": "/my/"}],
+    )
+    summary, _code, _rows = await run_load(config, rpm=1200, duration_s=1)
+    course = summary["templates"]["/course/view.php?id={courseid}"]
+    assert course["redirects"] == course["total"]
+    assert course["redirect_locations"] == {"/enrol/index.php": course["total"]}
+    assert course["success"] == course["total"]
+    assert summary["templates"]["/my/"]["redirects"] == 0
+    assert len(summary["warnings"]) == 1
+    assert "/course/view.php?id={courseid} were redirects" in caplog.text
+    assert "most to /enrol/index.php" in caplog.text
+
+
+async def test_run_http_404_is_failure(moodle_site: MoodleSite) -> None:
+    config = config_dict(
+        moodle_site.base_url, urls=[{"path": "/course/view.php?id=999999"}]
+    )
+    summary, _code, _rows = await run_load(config, rpm=600, duration_s=1)
+    assert summary["failures_by_kind"] == {"http_4xx": 10}
+    assert summary["status_counts"] == {"404": 10}
+    assert summary["success"] == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "outcome", "status"),
+    [("/error", "http_5xx", "503"), ("/cut", "connection_error", "200"),
+     ("/hang", "timeout", "")],
+)
+async def test_run_failure_kinds(
+    aiohttp_plain_site: str, path: str, outcome: str, status: str
+) -> None:
+    config = config_dict(aiohttp_plain_site, login_path="/notoken",
+                         users=[{"username": "u", "password": "p"}],
+                         urls=[{"path": path}])
+    summary, _code, rows = await run_load(config, rpm=120, duration_s=1,
+                                          timeout_s=0.5)
+    assert summary["failures_by_kind"] == {outcome: 2}
+    assert [row["outcome"] for row in rows] == [outcome, outcome]
+    assert [row["status"] for row in rows] == [status, status]
+    if outcome == "timeout":
+        assert all(float(row["service_time_ms"]) >= 500 for row in rows)
+
+
+# ---------------------------------------------------------------------------
+# The script as a subprocess
+# ---------------------------------------------------------------------------
+
+
+async def start_script(
+    tmp_path: Path, base_url: str, *args: str
+) -> asyncio.subprocess.Process:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(config_dict(base_url)))
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), "--config", str(config), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def test_script_stdout_only_json(
+    moodle_site: MoodleSite, tmp_path: Path
+) -> None:
+    output = tmp_path / "summary.json"
+    process = await start_script(
+        tmp_path, moodle_site.base_url, "--rpm", "1200", "--duration", "2",
+        "--progress", "1", "--output", str(output),
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0
+    summary = json.loads(out)
+    assert summary["total"] == 40
+    assert json.loads(output.read_text()) == summary
+    stderr_lines = err.decode().splitlines()
+    assert stderr_lines[0] == "[INFO] Logging in 2 users..."
+    progress = [line for line in stderr_lines if line.startswith("[PROGRESS] ")]
+    assert len(progress) == 1
+    assert json.loads(progress[0].split(" ", 1)[1])["total"] > 0
+
+
+async def test_script_closed_stdout(moodle_site: MoodleSite, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(config_dict(moodle_site.base_url)))
+    read_end, write_end = socket.socketpair()
+    read_end.close()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), "--config", str(config), "--rpm", "600",
+        "--duration", "1", stdout=write_end, stderr=asyncio.subprocess.PIPE,
+    )
+    write_end.close()
+    _out, err = await process.communicate()
+    assert process.returncode == 0
+    assert b"Traceback" not in err
+    assert b"stdout is closed" in err
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+)
+async def test_script_signal_prints_summary(
+    moodle_site: MoodleSite, tmp_path: Path, signum: int, code: int
+) -> None:
+    process = await start_script(
+        tmp_path, moodle_site.base_url, "--rpm", "600", "--duration", "60",
+    )
+    assert process.stderr is not None
+    while True:
+        line = await asyncio.wait_for(process.stderr.readline(), 10)
+        assert line, "the script ended before the load started"
+        if line.startswith(b"[INFO] Load:"):
+            break
+    await asyncio.sleep(0.5)
+    process.send_signal(signum)
+    out, err = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == code
+    summary = json.loads(out)
+    assert summary["interrupted"] is True
+    assert 0 < summary["total"] < 60
+    assert summary["elapsed_sec"] < 5
+    assert summary["requests_not_sent"] > 500
+    assert signal.Signals(signum).name.encode() in err
+
+
+async def test_script_nobody_logged_in_exit_3(
+    moodle_site: MoodleSite, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(
+        config_dict(moodle_site.base_url, users=generated_users(2, "bad"))
+    ))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), "--config", str(config), "--rpm", "600",
+        "--duration", "1", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 3
+    assert json.loads(out)["users_logged_in"] == 0
+    assert b"[ERROR] No user could log in" in err
