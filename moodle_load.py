@@ -18,7 +18,7 @@ Exit codes:
 
 Limits: one process and one event loop, so the rate it can hold depends on the
 CPU it gets (about 1,000 requests per second on one core against a static page).
-Percentiles come from a log-linear histogram and are within 0.4 % of a recorded
+Percentiles come from a log-linear histogram and are within 0.05 % of a recorded
 value. Redirects are not followed during the load: each page is measured alone.
 """
 
@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import string
 import sys
@@ -84,11 +85,31 @@ MAX_LOCATION_PATHS = 50
 TOP_LOCATION_PATHS = 5
 PERCENTILES = (50, 95, 99)
 
-# Histogram layout: values below 2**8 units are exact, larger ones fall in buckets
-# 1/128 of their lower bound wide (HDR-style log-linear buckets).
-SUB_BUCKET_BITS = 8
+# Histogram layout: values below 2**11 units are exact, larger ones fall in buckets
+# 1/1024 of their lower bound wide (HDR-style log-linear buckets).
+SUB_BUCKET_BITS = 11
 SUB_BUCKETS = 1 << SUB_BUCKET_BITS
 HALF_SUB_BUCKETS = SUB_BUCKETS // 2
+
+# Moodle's performance footer (perfdebug 15 with MDL_PERFTOFOOT) sits near the end
+# of a page: in Moodle 5.1 about 115 KB before it, followed by the message drawer
+# and scripts. Only this many bytes at the end are searched.
+FOOTER_SEARCH_BYTES = 512 * 1024
+# The footer's figure lists are about 2 KB; a longer search is a broken footer.
+FOOTER_MAX_BYTES = 16 * 1024
+# Figures read from the footer, with the histogram scale of each: 1000 keeps
+# milliseconds to the microsecond, 10 keeps megabytes to 0.1 MB as Moodle shows.
+SERVER_FIGURE_SCALES = {
+    "time_ms": 1000, "ram_mb": 10, "included_files": 1, "db_reads": 1,
+    "db_writes": 1, "db_time_ms": 1000, "session_wait_ms": 1000,
+}
+# DB reads and writes are listed value by value up to this many distinct values.
+MAX_DISTINCT_VALUES = 10
+# Moodle's display_size() units, by first letter, in megabytes. The unit word is
+# translated on non-English sites, the first letter rarely changes.
+SIZE_UNITS_MB = {"b": 1 / 1024 / 1024, "k": 1 / 1024, "m": 1.0, "g": 1024.0,
+                 "t": 1024.0 * 1024}
+NUMBER = re.compile(rb"\d+(?:\.\d+)?")
 
 PROGRESS = 25  # a log level between INFO and WARNING, printed as [PROGRESS]
 FAILURE_KINDS = ("login_required", "http_4xx", "http_5xx", "timeout",
@@ -105,7 +126,8 @@ LOGIN_FAILURE_TEXT = {
     "connection_error": "connection error",
 }
 CSV_COLUMNS = ["scheduled_time", "user", "url_template", "url", "status",
-               "latency_ms", "service_time_ms", "bytes", "outcome"]
+               "latency_ms", "service_time_ms", "bytes", "outcome",
+               *(f"server_{name}" for name in SERVER_FIGURE_SCALES)]
 
 
 class ConfigError(Exception):
@@ -163,6 +185,7 @@ class Result:
     nbytes: int
     outcome: str  # "success" or one of FAILURE_KINDS
     location_path: str | None = None  # path of the Location header of a 3xx
+    perf: dict[str, float] | None = None  # figures of Moodle's performance footer
 
 
 # ---------------------------------------------------------------------------
@@ -174,11 +197,11 @@ class Histogram:
     """Count values in bounded memory and report nearest-rank percentiles.
 
     Values are kept as integers of 1/scale (scale 1000 keeps milliseconds at
-    microsecond resolution). Below 256 units each unit has its own bucket; above,
-    a bucket is 1/128 of its lower bound wide, and a percentile reports the bucket
-    midpoint, within 0.4 % of the recorded value. The smallest and largest ranks
-    return the exact min and max. Memory is at most 128 buckets per power of two
-    (a few thousand in all), whatever the number of values.
+    microsecond resolution). Below 2048 units each unit has its own bucket; above,
+    a bucket is 1/1024 of its lower bound wide, and a percentile reports the bucket
+    midpoint, within 0.05 % of the recorded value. The smallest and largest ranks
+    return the exact min and max. Memory is at most 1024 buckets per power of two
+    (about 16,000 for latencies up to 30 s), whatever the number of values.
     """
 
     __slots__ = ("scale", "buckets", "count", "sum", "min", "max")
@@ -243,6 +266,133 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+# ---------------------------------------------------------------------------
+# Moodle's performance footer
+# ---------------------------------------------------------------------------
+
+
+def footer_item(body: bytes, class_name: bytes, start: int, end: int) -> bytes | None:
+    """Return the text of the first <li> with class_name in body[start:end].
+
+    None when the item is missing or cut off before its </li>, so that a truncated
+    footer never yields a partial number.
+    """
+    position = body.find(class_name, start, end)
+    if position < 0:
+        return None
+    text_start = body.find(b">", position, end)
+    if text_start < 0:
+        return None
+    text_end = body.find(b"</li>", text_start, end)
+    if text_end < 0:
+        return None
+    return body[text_start + 1:text_end]
+
+
+def seconds_to_ms(text: bytes) -> float | None:
+    match = NUMBER.search(text)
+    return float(match.group()) * 1000 if match else None
+
+
+def size_to_mb(text: bytes) -> float | None:
+    match = NUMBER.search(text)
+    if match is None:
+        return None
+    unit = text[match.end():].decode("utf-8", "replace").strip(" \xa0:")
+    factor = SIZE_UNITS_MB.get(unit[:1].lower())
+    return None if factor is None else float(match.group()) * factor
+
+
+def parse_perf_footer(body: bytes) -> dict[str, float] | None:
+    """Read Moodle's performance footer at the end of a page.
+
+    The search starts at the last "performanceinfo" in the final
+    FOOTER_SEARCH_BYTES, so the same class names earlier in the page are
+    ignored. Returns None when there is no footer or no figure in it; a truncated
+    footer returns the figures that were complete.
+    """
+    start = body.rfind(b"performanceinfo", max(0, len(body) - FOOTER_SEARCH_BYTES))
+    if start < 0:
+        return None
+    end = body.find(b"<table", start, start + FOOTER_MAX_BYTES)
+    if end < 0:
+        end = min(len(body), start + FOOTER_MAX_BYTES)
+    figures: dict[str, float] = {}
+    text = footer_item(body, b"timeused", start, end)
+    if text is not None and (value := seconds_to_ms(text)) is not None:
+        figures["time_ms"] = value
+    # The first memoryused item is "RAM", the second "RAM peak".
+    text = footer_item(body, b"memoryused", start, end)
+    if text is not None and (value := size_to_mb(text)) is not None:
+        figures["ram_mb"] = value
+    text = footer_item(body, b"included", start, end)
+    if text is not None and (match := NUMBER.search(text)):
+        figures["included_files"] = float(match.group())
+    text = footer_item(body, b"dbqueries", start, end)
+    if text is not None:
+        numbers = NUMBER.findall(text)
+        if len(numbers) == 2:
+            figures["db_reads"] = float(numbers[0])
+            figures["db_writes"] = float(numbers[1])
+    text = footer_item(body, b"dbtime", start, end)
+    if text is not None and (value := seconds_to_ms(text)) is not None:
+        figures["db_time_ms"] = value
+    text = footer_item(body, b"sessionwait", start, end)
+    if text is not None and (value := seconds_to_ms(text)) is not None:
+        figures["session_wait_ms"] = value
+    return figures or None
+
+
+class ServerStats:
+    """Moodle's own figures per response, from the performance footer."""
+
+    def __init__(self) -> None:
+        self.with_footer = 0
+        self.without_footer = 0
+        self.figures = {
+            name: Histogram(scale) for name, scale in SERVER_FIGURE_SCALES.items()
+        }
+        self.distinct: dict[str, collections.Counter[float] | None] = {
+            "db_reads": collections.Counter(), "db_writes": collections.Counter(),
+        }
+
+    def record(self, perf: dict[str, float] | None) -> None:
+        if perf is None:
+            self.without_footer += 1
+            return
+        self.with_footer += 1
+        for name, value in perf.items():
+            self.figures[name].record(value)
+        for name, counter in self.distinct.items():
+            value = perf.get(name)
+            if counter is None or value is None:
+                continue
+            counter[value] += 1
+            if len(counter) > MAX_DISTINCT_VALUES:
+                self.distinct[name] = None
+
+    def summary(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "responses_with_footer": self.with_footer,
+            "responses_without_footer": self.without_footer,
+        }
+        if not self.with_footer:
+            return data
+        for name, histogram in self.figures.items():
+            data[name] = {
+                "count": histogram.count,
+                "mean": rounded(histogram.mean()),
+                "p50": rounded(histogram.percentile(50)),
+                "p95": rounded(histogram.percentile(95)),
+                "max": rounded(histogram.percentile(100)),
+            }
+        for name, counter in self.distinct.items():
+            data[name]["distinct"] = None if counter is None else {
+                f"{value:g}": count for value, count in sorted(counter.items())
+            }
+        return data
+
+
 class Stats:
     """Counters and histograms of one URL template, or of the whole run."""
 
@@ -257,6 +407,7 @@ class Stats:
         self.max_lag_ms = 0.0
         self.redirects = 0
         self.locations: collections.Counter[str] = collections.Counter()
+        self.server = ServerStats()
 
     def record(self, result: Result) -> None:
         self.total += 1
@@ -277,6 +428,8 @@ class Stats:
             if path not in self.locations and len(self.locations) >= MAX_LOCATION_PATHS:
                 path = "(other)"
             self.locations[path] += 1
+        if result.outcome not in ("timeout", "connection_error"):
+            self.server.record(result.perf)
 
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -298,6 +451,7 @@ class Stats:
         data["redirects"] = self.redirects
         top = self.locations.most_common(TOP_LOCATION_PATHS)
         data["redirect_locations"] = dict(top)
+        data["server"] = self.server.summary()
         return data
 
 
@@ -895,6 +1049,7 @@ class LoadRunner:
         sent = loop.time()
         status = nbytes = 0
         location = None
+        perf = None
         try:
             async with user.http.get(url, allow_redirects=False) as resp:
                 status = resp.status
@@ -903,6 +1058,7 @@ class LoadRunner:
                 body = await resp.read()
             nbytes = len(body)
             outcome = self._classify(status, location)
+            perf = parse_perf_footer(body)
         except TimeoutError:
             outcome = "timeout"
         except aiohttp.ClientError:
@@ -914,7 +1070,7 @@ class LoadRunner:
                 location_path = urlsplit(urljoin(url, location)).path
             result = Result(due, user.name, template, url, status, (done - due) * 1000,
                             (done - sent) * 1000, (sent - due) * 1000, nbytes,
-                            outcome, location_path)
+                            outcome, location_path, perf)
             self._record(result)
             if outcome == "login_required":
                 await self._relogin(user)
@@ -942,10 +1098,15 @@ class LoadRunner:
     def _csv_row(self, result: Result) -> list[Any]:
         wall = self.state.start_wall + (result.due - self.state.start_mono)
         scheduled = datetime.datetime.fromtimestamp(wall, datetime.UTC)
-        return [scheduled.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                result.user, result.template, result.url, result.status or "",
-                f"{result.latency_ms:.3f}", f"{result.service_ms:.3f}",
-                result.nbytes, result.outcome]
+        row = [scheduled.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+               result.user, result.template, result.url, result.status or "",
+               f"{result.latency_ms:.3f}", f"{result.service_ms:.3f}",
+               result.nbytes, result.outcome]
+        perf = result.perf or {}
+        for name in SERVER_FIGURE_SCALES:
+            value = perf.get(name)
+            row.append("" if value is None else f"{value:g}")
+        return row
 
     def _note_late(self, lag_ms: float) -> None:
         self.behind_since_warning += 1
@@ -1078,9 +1239,10 @@ def build_summary(
         "requests_cancelled": state.cancelled,
     }
     summary.update(stats.summary())
+    summary["perf_footer_found"] = stats.server.with_footer > 0
     templates = runner.templates if runner else {}
     summary["percentile_method"] = (
-        "nearest rank over a log-linear histogram, within 0.4 % of a recorded value"
+        "nearest rank over a log-linear histogram, within 0.05 % of a recorded value"
     )
     summary["templates"] = {path: s.summary() for path, s in templates.items()}
     summary["warnings"] = redirect_warnings(templates)
@@ -1186,6 +1348,9 @@ async def run(
                             signum is not None, times)
     for warning in summary["warnings"]:
         log.warning("%s", warning)
+    if summary["total"] and not summary["perf_footer_found"]:
+        log.info("No response carried Moodle's performance footer, so there are no"
+                 " server figures; turn it on with perfdebug and MDL_PERFTOFOOT")
     return summary, exit_code(signum, logged_in, runner)
 
 
