@@ -1,8 +1,8 @@
 """Load a Moodle site at a fixed request rate and report latency honestly.
 
-The script logs the configured users in through Moodle's login form, then requests
-the configured pages for a fixed time on an open schedule: request i is due at
-start + i * 60 / rpm, whatever happened to the requests before it. A request that
+The script logs the configured users in through Moodle's login form. Then it
+requests the configured pages for a fixed time on an open schedule, so request i is
+due at start + i * 60 / rpm whatever happened to the requests before it. A request that
 cannot start on time still counts its latency from its due time, so a slow server
 cannot hide behind a slow client. When the pages carry Moodle's performance footer
 (perfdebug 15 with MDL_PERFTOFOOT), it also reads Moodle's own figures per page:
@@ -73,8 +73,8 @@ DEFAULT_SEED = 1
 USER_AGENT = "moodle-load/1.0"
 
 # A request sent this much after its due time counts as late. A busy event loop
-# wakes a few milliseconds after a timer is due, which is not the client falling
-# behind; latency still counts every millisecond from the due time.
+# wakes a few milliseconds after a timer is due, and that is not the client falling
+# behind. Latency still counts every millisecond from the due time.
 LATE_AFTER_S = 0.010
 # At most one "falling behind" warning per this many seconds.
 BEHIND_WARNING_EVERY_S = 10.0
@@ -82,9 +82,9 @@ BEHIND_WARNING_EVERY_S = 10.0
 INTERRUPT_GRACE_S = 2.0
 # The target rate counts as reached when this share of the due requests was sent.
 RATE_REACHED_SHARE = 0.99
-# A template whose answers are mostly redirects is not being measured.
+# A template whose responses are mostly redirects is not being measured.
 REDIRECT_WARNING_SHARE = 0.5
-# Distinct Location paths kept per template; more are counted as "(other)".
+# Distinct Location paths kept per template. Further paths count as "(other)".
 MAX_LOCATION_PATHS = 50
 TOP_LOCATION_PATHS = 5
 PERCENTILES = (50, 95, 99)
@@ -123,7 +123,7 @@ LOGIN_FAILURE_TEXT = {
     "password_change_required": "password change required"
     " (redirected to /login/change_password.php)",
     "locked_or_unconfirmed": "account locked or unconfirmed"
-    " (the login POST answered 200 instead of a redirect)",
+    " (the login POST returned 200 instead of a redirect)",
     "no_session_cookie": "no session cookie after the login",
     "http_status": "HTTP status",
     "timeout": "timed out",
@@ -182,7 +182,7 @@ class Result:
     user: str
     template: str
     url: str
-    status: int  # 0 when no HTTP answer arrived
+    status: int  # 0 when no HTTP response arrived
     latency_ms: float  # from the due time to the end of the body
     service_ms: float  # from the actual send to the end of the body
     lag_ms: float  # from the due time to the actual send
@@ -201,11 +201,12 @@ class Histogram:
     """Count values in bounded memory and report nearest-rank percentiles.
 
     Values are kept as integers of 1/scale (scale 1000 keeps milliseconds at
-    microsecond resolution). Below 2048 units each unit has its own bucket; above,
-    a bucket is 1/1024 of its lower bound wide, and a percentile reports the bucket
-    midpoint, within 0.05 % of the recorded value. The smallest and largest ranks
-    return the exact min and max. Memory is at most 1024 buckets per power of two
-    (about 16,000 for latencies up to 30 s), whatever the number of values.
+    microsecond resolution). Below 2048 units each unit has its own bucket. Above,
+    a bucket is 1/1024 of its lower bound wide, so the bucket midpoint that a
+    percentile reports is within 0.05 % of the recorded value. The smallest and
+    largest ranks return the exact min and max. Memory is at most 1024 buckets per
+    power of two (about 16,000 for latencies up to 30 s), whatever the number of
+    values.
     """
 
     __slots__ = ("scale", "buckets", "count", "sum", "min", "max")
@@ -824,7 +825,7 @@ class Site:
         """Follow the redirects after the login POST and decide the outcome.
 
         The decision reads only status codes and Location paths, never page text,
-        because Moodle sites answer in many languages.
+        because the text depends on the site's language.
         """
         for _hop in range(MAX_LOGIN_REDIRECTS):
             if status not in REDIRECT_STATUSES or not location:
@@ -953,7 +954,7 @@ class LoadOptions:
 
 @dataclass
 class RunState:
-    """What the summary needs beyond the statistics."""
+    """Counts and times of one run that the statistics do not contain."""
 
     start_wall: float = 0.0
     start_mono: float = 0.0
@@ -1205,13 +1206,13 @@ def iso_utc(timestamp: float) -> str:
 
 
 def redirect_warnings(templates: dict[str, Stats]) -> list[str]:
-    """Name the templates whose answers were mostly redirects."""
+    """Name the templates whose responses were mostly redirects."""
     warnings = []
     for path, stats in templates.items():
         if stats.total and stats.redirects / stats.total > REDIRECT_WARNING_SHARE:
             target = stats.locations.most_common(1)[0][0]
             warnings.append(
-                f"{stats.redirects} of {stats.total} answers to {path} were"
+                f"{stats.redirects} of {stats.total} responses to {path} were"
                 f" redirects, most to {target}: that page is not being measured;"
                 " check that the users may see it (for /enrol/index.php, enrol them)"
             )
@@ -1228,36 +1229,41 @@ def build_summary(
     state = runner.state if runner else RunState()
     elapsed = runner.elapsed_s() if runner else 0.0
     per_minute = 60 / elapsed if elapsed > 0 else 0.0
+    # After a signal, only the requests due before the stop count as due.
+    due = min(state.due, math.ceil(elapsed * options.rpm / 60))
+
     summary: dict[str, Any] = {
         "interrupted": interrupted,
         "start_time": iso_utc(times[0]),
         "end_time": iso_utc(times[1]),
         "elapsed_sec": round(elapsed, 3),
+        "duration_sec": options.duration_s,
         "target_rpm": options.rpm,
         "req_per_min_observed": round(stats.total * per_minute, 1),
         "success_per_min": round(stats.success * per_minute, 1),
-        "target_rpm_reached": bool(state.due)
-        and state.sent >= RATE_REACHED_SHARE * state.due,
-        "duration_sec": options.duration_s,
+        "target_rpm_reached": due > 0 and state.sent >= RATE_REACHED_SHARE * due,
         "concurrency": options.concurrency,
         "concurrency_used": runner.concurrency if runner else 0,
         "seed": options.seed,
-        "users_configured": configured_users,
-        "users_logged_in": logged_in,
-        "login_failures": dict(sorted(login_failures.items())),
-        "relogins": state.relogins,
-        "relogin_failures": dict(sorted(state.relogin_failures.items())),
-        "requests_due": state.due,
-        "requests_sent": state.sent,
-        "requests_not_sent": max(state.due - state.sent, 0),
-        "requests_cancelled": state.cancelled,
     }
+
+    summary["users_configured"] = configured_users
+    summary["users_logged_in"] = logged_in
+    summary["login_failures"] = dict(sorted(login_failures.items()))
+    summary["relogins"] = state.relogins
+    summary["relogin_failures"] = dict(sorted(state.relogin_failures.items()))
+
+    summary["requests_due"] = due
+    summary["requests_sent"] = state.sent
+    summary["requests_not_sent"] = max(due - state.sent, 0)
+    summary["requests_cancelled"] = state.cancelled
     summary.update(stats.summary())
     summary["perf_footer_found"] = stats.server.with_footer > 0
-    templates = runner.templates if runner else {}
     summary["percentile_method"] = (
         "nearest rank over a log-linear histogram, within 0.05 % of a recorded value"
     )
+
+    templates = runner.templates if runner else {}
     summary["templates"] = {path: s.summary() for path, s in templates.items()}
     summary["warnings"] = redirect_warnings(templates)
     return summary
@@ -1354,7 +1360,9 @@ async def run(
             loop.remove_signal_handler(signum)
         await asyncio.gather(*(user.http.close() for user in users))
         await connector.close()
-    signum = stop_signal[0] if stop_signal else runner.state.signal if runner else None
+    signum = runner.state.signal if runner is not None else None
+    if stop_signal:
+        signum = stop_signal[0]
     times = (started, time.time())
     if runner is not None:
         times = (runner.state.start_wall, runner.state.end_wall)
@@ -1440,6 +1448,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Log Moodle users in and request pages at a fixed rate; print a"
         " JSON summary of latency, outcomes and Moodle's server figures on stdout.",
     )
+
     load = parser.add_argument_group("load")
     load.add_argument("--config", type=Path, required=True, metavar="PATH",
                       help="JSON config with base_url, users, parameters and urls")
@@ -1448,11 +1457,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=int_at_least(1), required=True,
                       metavar="SECONDS", help="length of the load phase in seconds")
     load.add_argument("--concurrency", type=int_at_least(1), default=20,
-                      metavar="N", help="most requests in flight at once, and most"
-                      " logins at once (default 20)")
+                      metavar="N", help="maximum number of requests in flight at"
+                      " once, and of logins at once (default 20)")
     load.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="N",
                       help="seed of the URL and parameter choices; the same seed and"
                       f" config request the same URLs (default {DEFAULT_SEED})")
+
     http = parser.add_argument_group("HTTP")
     http.add_argument("--timeout", type=positive_float, default=30.0,
                       metavar="SECONDS", help="limit per request, body included;"
@@ -1463,6 +1473,7 @@ def build_parser() -> argparse.ArgumentParser:
                       " (default 20)")
     http.add_argument("--insecure", action="store_true",
                       help="do not verify TLS certificates (self-signed test sites)")
+
     output = parser.add_argument_group("output")
     output.add_argument("--progress", type=int_at_least(0), default=30,
                         metavar="SECONDS", help="print a [PROGRESS] line on stderr"
