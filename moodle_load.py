@@ -1414,8 +1414,11 @@ def exit_code(
 
 
 def configure_logging() -> None:
+    """Print log lines as "[LEVEL] message" on stderr, once per process."""
     logging.addLevelName(PROGRESS, "PROGRESS")
     logging.addLevelName(logging.WARNING, "WARN")
+    if log.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
     log.addHandler(handler)
