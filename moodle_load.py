@@ -1162,10 +1162,11 @@ class LoadRunner:
                                return_when=asyncio.FIRST_COMPLETED)
             if self.state.signal is not None:
                 deadline = min(deadline, loop.time() + INTERRUPT_GRACE_S)
-        self.state.cancelled = len(self.in_flight)
         for task in list(self.in_flight):
             task.cancel()
         await asyncio.gather(*self.in_flight, return_exceptions=True)
+        # A task cancelled while logging its user in again has its result recorded.
+        self.state.cancelled = self.state.sent - self.stats.total
 
     def elapsed_s(self) -> float:
         end = self.state.stop_mono or asyncio.get_running_loop().time()

@@ -757,6 +757,18 @@ async def start_script(
     )
 
 
+async def wait_for_stderr_line(
+    process: asyncio.subprocess.Process, prefix: bytes
+) -> None:
+    """Read the script's stderr until a line starts with prefix."""
+    assert process.stderr is not None
+    while True:
+        line = await asyncio.wait_for(process.stderr.readline(), 10)
+        assert line, f"the script ended before printing {prefix!r}"
+        if line.startswith(prefix):
+            return
+
+
 async def test_script_stdout_only_json(
     moodle_site: MoodleSite, tmp_path: Path
 ) -> None:
@@ -802,12 +814,7 @@ async def test_script_signal_prints_summary(
     process = await start_script(
         tmp_path, moodle_site.base_url, "--rpm", "600", "--duration", "60",
     )
-    assert process.stderr is not None
-    while True:
-        line = await asyncio.wait_for(process.stderr.readline(), 10)
-        assert line, "the script ended before the load started"
-        if line.startswith(b"[INFO] Load:"):
-            break
+    await wait_for_stderr_line(process, b"[INFO] Load:")
     await asyncio.sleep(0.5)
     process.send_signal(signum)
     out, err = await asyncio.wait_for(process.communicate(), 10)
@@ -820,6 +827,7 @@ async def test_script_signal_prints_summary(
         summary["elapsed_sec"] * 10, abs=1
     )
     assert summary["requests_not_sent"] <= 2
+    assert summary["requests_sent"] == summary["total"] + summary["requests_cancelled"]
     assert signal.Signals(signum).name.encode() in err
 
 
@@ -844,6 +852,30 @@ async def test_script_signal_during_login(
     assert summary["users_logged_in"] == 0
     assert summary["total"] == 0
     assert b"Received SIGTERM during the login" in err
+
+
+async def test_script_signal_cancels_hung_request(
+    aiohttp_plain_site: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(config_dict(
+        aiohttp_plain_site, login_path="/notoken",
+        users=[{"username": "u", "password": "p"}], urls=[{"path": "/hang"}],
+    )))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), "--config", str(config), "--rpm", "60",
+        "--duration", "60", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await wait_for_stderr_line(process, b"[INFO] Load:")
+    await asyncio.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, _err = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 130
+    summary = json.loads(out)
+    assert summary["requests_sent"] == 1
+    assert summary["requests_cancelled"] == 1
+    assert summary["total"] == 0
 
 
 async def test_script_nobody_logged_in_exit_3(
