@@ -50,6 +50,7 @@ from bench.procs import (
     SERVER_CPU,
     Processes,
     StepError,
+    kill_measured,
     pinned,
     read_status_kib,
     run_measured,
@@ -515,7 +516,12 @@ class Benchmark:
                     stop_after=duration,
                     stop_signal=signal.SIGKILL,
                 )
-                capture_run, cli_run = capture.result(), cli.result()
+                try:
+                    capture_run, cli_run = capture.result(), cli.result()
+                except BaseException:
+                    # Ctrl-C: end both clients now instead of waiting for them.
+                    kill_measured()
+                    raise
             if capture_run.returncode != 0:
                 raise StepError(
                     f"capture_docker_stats.py exited with code "
@@ -709,7 +715,10 @@ def main() -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT too: a shell without job control starts background commands with SIGINT
+    # ignored, and Python then installs no handler of its own.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     plan = QUICK if args.quick else FULL
     started_at = dt.datetime.now(dt.UTC)
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")

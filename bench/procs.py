@@ -118,6 +118,17 @@ class Processes:
             self.stop(process)
 
 
+# Pids of the clients that run_measured() is running, for kill_measured().
+_measured_pids: set[int] = set()
+
+
+def kill_measured() -> None:
+    """SIGKILL every running measured client, so that threads waiting on them end."""
+    for pid in list(_measured_pids):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def run_measured(
     command: Sequence[str],
     *,
@@ -153,6 +164,7 @@ def run_measured(
     timed_out = False
     terminated = False
     stderr_offset = 0
+    _measured_pids.add(process.pid)
     try:
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -181,6 +193,8 @@ def run_measured(
             os.wait4(process.pid, 0)
         process.returncode = -9
         raise
+    finally:
+        _measured_pids.discard(process.pid)
     wall = time.monotonic() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     # The child may have left helpers in its process group.
