@@ -7,7 +7,7 @@ the reason:
 - throughput: requests per second on one core of moodle_load.py, hey, wrk and
   Locust (FastHttpUser), at the same concurrency, against nginx on the other core;
 - latency: p50 and p99 minus 20 ms of moodle_load.py and hey at 100 requests/s
-  against a server that answers after exactly 20 ms (bench/delay_server.py);
+  against a server that responds after exactly 20 ms (bench/delay_server.py);
 - footer: the rate held with and without Moodle's performance footer in the page;
 - passwords: set_moodle_passwords.py on 100,000 users in PostgreSQL at cost 12;
 - stats: CPU time of capture_docker_stats.py and of the ``docker stats`` CLI
@@ -630,8 +630,11 @@ class Benchmark:
             try:
                 result = getattr(self, f"step_{step}")()
                 result["measured"] = True
-            except (StepError, OSError, subprocess.SubprocessError, KeyError) as error:
-                result = {"measured": False, "reason": str(error) or repr(error)}
+            except Exception as error:
+                # One broken step or tool is recorded with the reason, and the other
+                # steps still run.
+                reason = str(error) if isinstance(error, StepError) else repr(error)
+                result = {"measured": False, "reason": reason}
                 traceback.print_exc()
             result["seconds"] = round(time.monotonic() - started, 1)
             self.results[step] = result

@@ -1,4 +1,4 @@
-"""HTTP/1.1 server that answers every request 20 ms after it arrived.
+"""HTTP/1.1 server that responds to every request 20 ms after it arrived.
 
 The benchmark's latency step subtracts this fixed delay from the percentiles that a
 load generator reports, so the delay must not drift with load. One thread runs a
@@ -102,7 +102,7 @@ def split_request(buffer: bytearray) -> bytes | None:
 
 
 def build_response(head: bytes) -> tuple[bytes, bool]:
-    """Build the answer to a request head; the flag says whether to keep alive."""
+    """Build the response to a request head and whether to keep the connection."""
     request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     method, _, rest = request_line.partition(" ")
     target, _, version = rest.rpartition(" ")
@@ -146,10 +146,10 @@ class PendingAnswer:
 
 
 class DelayServer:
-    """Single-threaded select() loop that holds each answer until it is due.
+    """Single-threaded select() loop that delays each response until it is due.
 
     select() takes its timeout in microseconds, unlike epoll_wait() and poll(), and
-    one thread avoids waiting for the GIL, so answers leave within a few microseconds
+    one thread avoids waiting for the GIL, so responses leave within a few microseconds
     of the due time.
     """
 
@@ -236,7 +236,7 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="TCP port, 0 picks one")
     parser.add_argument(
-        "--delay-ms", type=float, default=20.0, help="time before each answer, ms"
+        "--delay-ms", type=float, default=20.0, help="time before each response, ms"
     )
     parser.add_argument("--stats", help="write the hold times here as JSON at exit")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Docker for the stats step: an engine, a local busybox image and idle containers.
 
-When no engine answers, a private dockerd starts as run-tests starts it: data root,
+When no engine responds, a private dockerd starts as run-tests starts it: data root,
 exec root and socket in a temporary folder, ``--bridge=none --iptables=false
 --ip6tables=false`` so that it creates no network. The image is made with
 ``docker import`` of a folder holding Debian's static busybox and one link per applet,
@@ -47,7 +47,7 @@ class DockerEngine:
         return result.stdout
 
 
-def engine_answers(env: dict[str, str]) -> bool:
+def engine_responds(env: dict[str, str]) -> bool:
     result = subprocess.run(
         ["docker", "info"], env=env, capture_output=True, timeout=30, check=False
     )
@@ -55,15 +55,15 @@ def engine_answers(env: dict[str, str]) -> bool:
 
 
 def start_engine(processes: Processes, root: Path) -> DockerEngine:
-    """Use the engine that answers, or start a private one under root."""
+    """Use the engine that responds, or start a private one under root."""
     if shutil.which("docker") is None:
         raise StepError("the docker CLI is not installed (Debian: docker.io)")
     env = dict(os.environ)
-    if engine_answers(env):
+    if engine_responds(env):
         engine = DockerEngine(env=env, private=False)
     else:
         if shutil.which("dockerd") is None or os.getuid() != 0:
-            raise StepError("no Docker engine answers and none can be started here")
+            raise StepError("no Docker engine responds and none can be started here")
         root.mkdir(parents=True)
         socket_path = root / "docker.sock"
         command = [
@@ -83,7 +83,7 @@ def start_engine(processes: Processes, root: Path) -> DockerEngine:
         process = processes.start(command, log=root / "dockerd.log")
         env["DOCKER_HOST"] = f"unix://{socket_path}"
         deadline = time.monotonic() + 60
-        while not engine_answers(env):
+        while not engine_responds(env):
             if process.poll() is not None or time.monotonic() > deadline:
                 log = (root / "dockerd.log").read_text(errors="replace")[-800:]
                 raise StepError(f"the private Docker engine did not start: {log}")

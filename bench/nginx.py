@@ -1,6 +1,6 @@
 """nginx as the fast static server of the benchmark, from a config in a temp folder.
 
-It listens on 127.0.0.1 only and answers the login like Moodle does, without PHP:
+It listens on 127.0.0.1 only and handles the login like Moodle does, without PHP:
 the login page is a static form with a logintoken, the POST gets a 303 to
 ``/login/index.php?testsession=2`` with a new MoodleSession cookie, and that URL gets a
 303 to ``/my/``. The pages are two static files that differ only in Moodle's
@@ -154,7 +154,7 @@ def nginx_version() -> str:
 def start_nginx(processes: Processes, root: Path) -> Nginx:
     """Write the config and pages under root and start nginx pinned to SERVER_CPU."""
     if shutil.which("nginx") is None:
-        raise RuntimeError("nginx is not installed (Debian: nginx-light or nginx)")
+        raise StepError("nginx is not installed (Debian: nginx-light or nginx)")
     html = root / "html"
     (root / "tmp").mkdir(parents=True)
     html.mkdir()

@@ -22,7 +22,7 @@ SERVER_CPU = "1"
 
 
 class StepError(RuntimeError):
-    """A step could not be measured; the message says why."""
+    """A step could not be measured; the message gives the reason."""
 
 
 def pinned(cpu: str, command: Sequence[str]) -> list[str]:

@@ -99,7 +99,7 @@ def render_throughput(result: dict[str, Any]) -> str:
 def render_latency(result: dict[str, Any]) -> str:
     errors = result["errors"]
     lines = [
-        f"A server that answers {result['delay_ms']:.0f} ms after each request "
+        f"A server that responds {result['delay_ms']:.0f} ms after each request "
         f"arrived (bench/delay_server.py, pinned to the other core), "
         f"{result['requests_per_s']} requests/s for {result['duration_s']} s, "
         f"concurrency {result['concurrency']}. The figures are the reported "
