@@ -148,7 +148,7 @@ def nginx_version() -> str:
     result = subprocess.run(
         ["nginx", "-v"], capture_output=True, text=True, check=False
     )
-    return result.stderr.strip().removeprefix("nginx version: ")
+    return result.stderr.strip().removeprefix("nginx version: nginx/")
 
 
 def start_nginx(processes: Processes, root: Path) -> Nginx:

@@ -379,7 +379,8 @@ def render(record: dict[str, Any], results_path: Path) -> str:
         f"- Clients pinned to CPU {machine['client_cpu']} and servers to CPU "
         f"{machine['server_cpu']} with taskset",
         f"- Versions: {packages}",
-        f"- Short steps: median of {record['plan']['repeats']} repeats\n",
+        f"- Each step but memory and stats: median of {record['plan']['repeats']} "
+        "repeats. Memory and stats: one run each.\n",
         "## Summary\n",
         "| step | result | target | verdict |",
         "|---|---|---|---|",
