@@ -611,9 +611,11 @@ class Benchmark:
         )
         if "first" not in marks:
             raise StepError(f"no progress reading reached {first} requests")
+        # Both points are VmHWM at progress lines during the load, read the same
+        # way; the exit peak from wait4() also covers the stop and the summary.
         first_kib = marks["first"]["vm_hwm_kib"]
         final_kib = measured.max_rss_kib
-        growth_mb = (final_kib - first_kib) * 1024 / 1e6
+        growth_mb = (readings[-1]["vm_hwm_kib"] - first_kib) * 1024 / 1e6
         return {
             "rpm": rpm,
             "duration_s": duration,
@@ -626,7 +628,7 @@ class Benchmark:
             "final_peak_rss_mb": final_kib * 1024 / 1e6,
             "growth_mb": growth_mb,
             "reached_second_count": summary["total"] >= second,
-            "met": growth_mb <= 10 and summary["total"] >= second,
+            "met": growth_mb <= 10 and readings[-1]["total"] >= second,
             "readings": readings,
         }
 

@@ -88,10 +88,10 @@ def render_throughput(result: dict[str, Any]) -> str:
             f"{result['duration_s']} s run (start-up and logins included), so its "
             f"core is the limit at {1e6 / ours:.0f} us of CPU per request. Meeting "
             f"the target takes more than {fmt(needed)} requests/s, that is under "
-            f"{1e6 / needed:.0f} us per request: less work per request in the "
-            "client's Python code (scheduling, bookkeeping, aiohttp's request "
-            "path), since the server on the other core is far from its limit "
-            "(wrk gets many times more from it).",
+            f"{1e6 / needed:.0f} us of client CPU per request. That means less work "
+            "per request in the client's Python code and in aiohttp's request path. "
+            "The server on the other core is far from its limit, since wrk gets "
+            "many times more from it.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -184,7 +184,7 @@ def render_footer(result: dict[str, Any]) -> str:
             f"Why: flat out, each response with the footer costs {extra_us:.1f} us "
             "more client CPU than one without, measured over the load phase. A 10 % "
             f"lower rate allows about {budget_us:.1f} us per response on this small "
-            "page, so the parse would have to get that cheap; on a real Moodle page, "
+            "page, so the parse would have to get that cheap. On a real Moodle page, "
             "which takes the client longer to read, the same parse is a smaller "
             "share.",
         ]
@@ -240,47 +240,51 @@ def render_stats(result: dict[str, Any]) -> str:
     )
 
 
+def memory_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """Derive the memory step's figures from the VmHWM readings of the run.
+
+    Both points are read the same way, at progress lines during the load: the first
+    line past the first count and the last line of the run. The peak at exit, from
+    wait4(), also covers the stop, the drain and the summary after the load.
+    """
+    readings = result["readings"]
+    first = next(r for r in readings if r["total"] >= result["first_count"])
+    last = readings[-1]
+    growth_mb = (last["vm_hwm_kib"] - first["vm_hwm_kib"]) * 1024 / 1e6
+    return {
+        "first_total": first["total"],
+        "first_mb": first["vm_hwm_kib"] * 1024 / 1e6,
+        "last_total": last["total"],
+        "last_mb": last["vm_hwm_kib"] * 1024 / 1e6,
+        "growth_mb": growth_mb,
+        "exit_mb": result["final_peak_rss_mb"],
+        "met": growth_mb <= 10 and last["total"] >= result["second_count"],
+    }
+
+
 def render_memory(result: dict[str, Any]) -> str:
+    figures = memory_figures(result)
+    exit_rise = figures["exit_mb"] - figures["last_mb"]
     return (
         f"One moodle_load.py run at {fmt(result['rpm'])} RPM for "
         f"{result['duration_s']} s against nginx (observed "
-        f"{fmt(result['observed_rpm'], 1)} RPM). VmHWM was read from /proc at the "
-        f"first progress line past {result['first_count']:,} requests, and the "
-        "final peak RSS came from wait4() at exit. "
+        f"{fmt(result['observed_rpm'], 1)} RPM, {result['final_total']:,} requests). "
+        "Peak RSS is VmHWM from /proc, read at the progress lines (every 2 s) "
+        "during the load. "
         "Target: the second no more than 10 MB above the first.\n\n"
         "| after requests | peak RSS, MB |\n|---:|---:|\n"
-        f"| {result['first_reading_total']:,} | {result['first_peak_rss_mb']:.1f} |\n"
-        f"| {result['final_total']:,} | {result['final_peak_rss_mb']:.1f} |\n\n"
-        f"Growth: **{result['growth_mb']:.2f} MB** (1 MB = 10^6 bytes). "
-        f"Target {verdict(result['met'])}.\n" + memory_trend(result)
+        f"| {figures['first_total']:,} | {figures['first_mb']:.1f} |\n"
+        f"| {figures['last_total']:,} | {figures['last_mb']:.1f} |\n"
+        f"| at exit, after the summary | {figures['exit_mb']:.1f} |\n\n"
+        f"Growth during the load: **{figures['growth_mb']:.2f} MB** "
+        f"(1 MB = 10^6 bytes). Target {verdict(figures['met'])}.\n\n"
+        f"The process's peak at exit (from wait4()) is {exit_rise:.1f} MB above the "
+        "last reading during the load, so that rise happens after the last progress "
+        "line: while the run stops, drains and builds its summary. It is not growth "
+        "per request during the load, but it is the peak a user of the process "
+        "sees. Whether it grows with the count of requests is not measured here; "
+        "the exit peak of a run of 100,000 requests would show it.\n"
     )
-
-
-def memory_trend(result: dict[str, Any]) -> str:
-    """Say whether peak RSS still grew in the second half of the run."""
-    readings = result["readings"]
-    if len(readings) < 4:
-        return ""
-    middle = readings[len(readings) // 2]
-    last = readings[-1]
-    late_growth = (last["vm_hwm_kib"] - middle["vm_hwm_kib"]) * 1024 / 1e6
-    text = (
-        f"\nPeak RSS grew {late_growth:.2f} MB between {middle['total']:,} and "
-        f"{last['total']:,} requests (VmHWM at the progress lines, in the JSON)."
-    )
-    if not result["met"]:
-        if late_growth > 1:
-            text += (
-                " It still grows late in the run, so something kept per request "
-                "outlives the request: a list, a per-URL or per-status table, or "
-                "connection state. Finding and bounding it would meet the target."
-            )
-        else:
-            text += (
-                " It levels off, so the growth happened early in the run and does "
-                "not go on with the count of requests."
-            )
-    return text + "\n"
 
 
 SECTIONS = [
@@ -325,10 +329,12 @@ def headline(steps: dict[str, Any]) -> list[str]:
             f"| {verdict(result['met'])} |"
         )
     if result := measured("memory"):
+        figures = memory_figures(result)
         rows.append(
-            f"| memory | +{result['growth_mb']:.2f} MB from "
-            f"{result['first_reading_total']:,} to {result['final_total']:,} requests "
-            f"| <= 10 MB | {verdict(result['met'])} |"
+            f"| memory | +{figures['growth_mb']:.2f} MB from "
+            f"{figures['first_total']:,} to {figures['last_total']:,} requests "
+            f"(exit peak {figures['exit_mb']:.1f} MB) "
+            f"| <= 10 MB | {verdict(figures['met'])} |"
         )
     if result := measured("passwords"):
         rows.append(
