@@ -637,16 +637,14 @@ def test_hostile_prefix_drops_nothing(server, db, clean_env, tmp_path):
 
 
 def test_run_100k_users_at_cost_12(server, clean_env, tmp_path):
-    """The whole run at the default cost stays under 5 s for 100,000 users."""
+    """100,000 users change in one run at the default cost (bench/ times it)."""
     name = f"moodle_{next(database_numbers)}"
     pg_server.create_moodle_database(server, name, "m_", generated_users=100_000)
     config = tmp_path / "config.json"
     args = [*db_options(server, name), "--prefix", "m_", "--count", "100000",
             "--password", PASSWORD, "--config", str(config)]  # fmt: skip
 
-    started = time.monotonic()
     result = run_script(args, clean_env)
-    elapsed_s = time.monotonic() - started
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"updated 100000 users, config written to {config}\n"
@@ -657,4 +655,3 @@ def test_run_100k_users_at_cost_12(server, clean_env, tmp_path):
         distinct, stored = cursor.fetchone()
     assert distinct == 1
     assert stored.startswith("$2y$12$")
-    assert elapsed_s < 5.0, f"took {elapsed_s:.2f} s"
