@@ -20,10 +20,10 @@ Exit codes:
     143  interrupted by SIGTERM, after printing the summary
 
 Limits: one process and one event loop, so the rate it can hold depends on the
-CPU it gets. Against nginx serving a 2 KB page from the other core, one core held
-60,000 requests per minute at 27 % CPU and peaked near 7,400 requests per second.
-Percentiles come from a log-linear histogram and are within 0.05 % of a recorded
-value. Latency includes the event loop's timer wake-up delay, below 1 ms. Redirects
+CPU it gets; docs/benchmarks.md gives the one-core maximum against nginx. It runs
+on uvloop when that is installed. Percentiles come from a log-linear histogram and
+are within 0.05 % of a recorded value. A request starts within one event-loop
+iteration of its due time when the loop is not busy (see sleep_until). Redirects
 are not followed during the load, so each page is measured alone. The performance
 footer is searched only in the last 512 KB of a page.
 """
@@ -54,6 +54,14 @@ from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from aiohttp import hdrs
+from multidict import CIMultiDict
+from yarl import URL
+
+try:
+    import uvloop
+except ImportError:  # optional: the standard event loop works, at a lower rate
+    uvloop = None
 
 log = logging.getLogger("moodle_load")
 
@@ -78,6 +86,14 @@ USER_AGENT = "moodle-load/1.0"
 # wakes a few milliseconds after a timer is due, and that is not the client falling
 # behind. Latency still counts every millisecond from the due time.
 LATE_AFTER_S = 0.010
+# A request waits on the event loop's timer until this long before its due time,
+# then yields to the loop until the due time arrives. The timers can be off by
+# about a millisecond, because the standard loop's epoll selector rounds every
+# timeout up to whole milliseconds and uvloop (libuv) rounds timers to the
+# nearest one.
+WAKE_EARLY_S = 0.001
+# Parsed URLs kept for reuse; the cache is emptied when it reaches this size.
+MAX_CACHED_URLS = 10_000
 # At most one "falling behind" warning per this many seconds.
 BEHIND_WARNING_EVERY_S = 10.0
 # After SIGINT or SIGTERM, in-flight requests get this long to finish.
@@ -239,6 +255,16 @@ class Histogram:
         if value > self.max:
             self.max = value
 
+    def merge(self, other: Histogram) -> None:
+        """Add the values of another histogram of the same scale."""
+        buckets = self.buckets
+        for index, count in other.buckets.items():
+            buckets[index] = buckets.get(index, 0) + count
+        self.count += other.count
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
     def _midpoint(self, index: int) -> float:
         if index < SUB_BUCKETS:
             return index / self.scale
@@ -278,35 +304,27 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
 # ---------------------------------------------------------------------------
 
 
-def footer_item(body: bytes, class_name: bytes, start: int, end: int) -> bytes | None:
-    """Return the text of the first <li> with class_name in body[start:end].
-
-    None when the item is missing or cut off before its </li>, so that a truncated
-    footer never yields a partial number.
-    """
-    position = body.find(class_name, start, end)
-    if position < 0:
-        return None
-    text_start = body.find(b">", position, end)
-    if text_start < 0:
-        return None
-    text_end = body.find(b"</li>", text_start, end)
-    if text_end < 0:
-        return None
-    return body[text_start + 1:text_end]
-
-
-def seconds_to_ms(text: bytes) -> float | None:
-    match = NUMBER.search(text)
-    return float(match.group()) * 1000 if match else None
+# An <li> of the footer that carries a figure, up to its </li>, so that a truncated
+# footer never yields a partial number. Moodle 5.1 prints the figure's class first
+# in the class attribute, with either quote. The literal "class=" at the start lets
+# the regex engine skip ahead fast: this one pass costs a quarter of six searches.
+FOOTER_ITEM = re.compile(
+    rb"class=[\"']?(timeused|memoryused|included|dbqueries|dbtime|sessionwait)\b"
+    rb"[^>]*>(.*?)</li>",
+    re.DOTALL,
+)
+# Moodle writes a no-break space (UTF-8) between a size and its unit.
+UNIT_SEPARATORS = b" :\xc2\xa0"
+SECONDS_FIGURES = {b"timeused": "time_ms", b"dbtime": "db_time_ms",
+                   b"sessionwait": "session_wait_ms"}
 
 
 def size_to_mb(text: bytes) -> float | None:
     match = NUMBER.search(text)
     if match is None:
         return None
-    unit = text[match.end():].decode("utf-8", "replace").strip(" \xa0:")
-    factor = SIZE_UNITS_MB.get(unit[:1].lower())
+    unit = text[match.end():].lstrip(UNIT_SEPARATORS)[:1].lower()
+    factor = SIZE_UNITS_MB.get(unit.decode("latin-1"))
     return None if factor is None else float(match.group()) * factor
 
 
@@ -325,28 +343,31 @@ def parse_perf_footer(body: bytes) -> dict[str, float] | None:
     if end < 0:
         end = min(len(body), start + FOOTER_MAX_BYTES)
     figures: dict[str, float] = {}
-    text = footer_item(body, b"timeused", start, end)
-    if text is not None and (value := seconds_to_ms(text)) is not None:
-        figures["time_ms"] = value
-    # The first memoryused item is "RAM", the second "RAM peak".
-    text = footer_item(body, b"memoryused", start, end)
-    if text is not None and (value := size_to_mb(text)) is not None:
-        figures["ram_mb"] = value
-    text = footer_item(body, b"included", start, end)
-    if text is not None and (match := NUMBER.search(text)):
-        figures["included_files"] = float(match.group())
-    text = footer_item(body, b"dbqueries", start, end)
-    if text is not None:
-        numbers = NUMBER.findall(text)
-        if len(numbers) == 2:
-            figures["db_reads"] = float(numbers[0])
-            figures["db_writes"] = float(numbers[1])
-    text = footer_item(body, b"dbtime", start, end)
-    if text is not None and (value := seconds_to_ms(text)) is not None:
-        figures["db_time_ms"] = value
-    text = footer_item(body, b"sessionwait", start, end)
-    if text is not None and (value := seconds_to_ms(text)) is not None:
-        figures["session_wait_ms"] = value
+    seen: set[bytes] = set()
+    for match in FOOTER_ITEM.finditer(body, start, end):
+        class_name, text = match.groups()
+        # Only the first item of a class counts: the first memoryused is "RAM",
+        # the second "RAM peak".
+        if class_name in seen:
+            continue
+        seen.add(class_name)
+        if class_name in SECONDS_FIGURES:
+            number = NUMBER.search(text)
+            if number is not None:
+                figures[SECONDS_FIGURES[class_name]] = float(number.group()) * 1000
+        elif class_name == b"memoryused":
+            value = size_to_mb(text)
+            if value is not None:
+                figures["ram_mb"] = value
+        elif class_name == b"included":
+            number = NUMBER.search(text)
+            if number is not None:
+                figures["included_files"] = float(number.group())
+        else:
+            numbers = NUMBER.findall(text)
+            if len(numbers) == 2:
+                figures["db_reads"] = float(numbers[0])
+                figures["db_writes"] = float(numbers[1])
     return figures or None
 
 
@@ -376,6 +397,20 @@ class ServerStats:
                 continue
             counter[value] += 1
             if len(counter) > MAX_DISTINCT_VALUES:
+                self.distinct[name] = None
+
+    def merge(self, other: ServerStats) -> None:
+        self.with_footer += other.with_footer
+        self.without_footer += other.without_footer
+        for name, histogram in other.figures.items():
+            self.figures[name].merge(histogram)
+        for name, theirs in other.distinct.items():
+            ours = self.distinct[name]
+            if ours is None or theirs is None:
+                self.distinct[name] = None
+                continue
+            ours.update(theirs)
+            if len(ours) > MAX_DISTINCT_VALUES:
                 self.distinct[name] = None
 
     def summary(self) -> dict[str, Any]:
@@ -437,6 +472,20 @@ class Stats:
             self.locations[path] += 1
         if result.outcome not in ("timeout", "connection_error"):
             self.server.record(result.perf)
+
+    def merge(self, other: Stats) -> None:
+        """Add another template's figures, to build the run's overall figures."""
+        self.latency.merge(other.latency)
+        self.service.merge(other.service)
+        self.total += other.total
+        self.success += other.success
+        self.failures.update(other.failures)
+        self.status.update(other.status)
+        self.late += other.late
+        self.max_lag_ms = max(self.max_lag_ms, other.max_lag_ms)
+        self.redirects += other.redirects
+        self.locations.update(other.locations)
+        self.server.merge(other.server)
 
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -757,15 +806,36 @@ def parse_login_form(page: str) -> tuple[str | None, str | None]:
 
 @dataclass(eq=False)
 class User:
-    """A logged-in user: credentials, its own HTTP session and cookie jar."""
+    """A logged-in user: credentials, its own HTTP session and cookie jar.
+
+    The login runs in the user's own session, whose jar stores the cookies. The
+    load sends them from `load_headers`, through a shared session without a jar,
+    because filtering a jar per request cost the client about a tenth of its rate.
+    """
 
     credentials: Credentials
     http: aiohttp.ClientSession
     busy: bool = False
+    load_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
     @property
     def name(self) -> str:
         return self.credentials.username
+
+    def copy_cookies(self, site_url: URL) -> None:
+        """Build the Cookie header of load requests from the jar.
+
+        NOTE: it contains the cookies that the jar sends to the site's root,
+        which is where Moodle sets its cookies. A cookie set for a deeper path
+        only is not sent during the load.
+        """
+        cookies = self.http.cookie_jar.filter_cookies(site_url)
+        text = "; ".join(f"{name}={morsel.coded_value}"
+                         for name, morsel in cookies.items())
+        headers: CIMultiDict[str] = CIMultiDict()
+        if text:
+            headers[hdrs.COOKIE] = text
+        self.load_headers = headers
 
 
 class Site:
@@ -973,23 +1043,51 @@ class RunState:
     users_lost: bool = False
 
 
+async def sleep_until(deadline: float) -> None:
+    """Return at time.monotonic() deadline, within a loop iteration after it.
+
+    It sleeps on a timer until WAKE_EARLY_S before the deadline and then yields
+    with asyncio.sleep(0), which lets other tasks run, until the deadline. That
+    costs about a millisecond of CPU per request when the loop is otherwise idle
+    (more when uvloop's timer fires early), and none when requests are overdue.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining > WAKE_EARLY_S:
+        await asyncio.sleep(remaining - WAKE_EARLY_S)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0)
+
+
 class LoadRunner:
-    """Send the scheduled requests and collect their results."""
+    """Send the scheduled requests and collect their results.
+
+    One worker task per unit of concurrency takes the next request of the
+    schedule, waits for its due time, sends it and records the result, then takes
+    the next. A worker that finishes late goes straight on to the overdue request,
+    with no task, semaphore or hand-off per request, because those cost the client
+    a large share of its rate when it runs flat out.
+    """
 
     def __init__(
         self, site: Site, plan: RequestPlan, pool: UserPool, options: LoadOptions,
-        requests_log: IO[str] | None,
+        requests_log: IO[str] | None, http: aiohttp.ClientSession,
     ) -> None:
         self.site = site
         self.plan = plan
         self.pool = pool
         self.options = options
-        self.stats = Stats()
+        self.http = http
+        self.site_url = URL(site.base_url + "/")
         self.templates: dict[str, Stats] = {t.path: Stats() for t in plan.templates}
         self.state = RunState()
         self.concurrency = min(options.concurrency, len(pool.users))
-        self.slots = asyncio.Semaphore(self.concurrency)
-        self.in_flight: set[asyncio.Task[None]] = set()
+        self.next_index = 0
+        self.completed = 0
+        self.closing = False
+        self.workers: set[asyncio.Task[None]] = set()
+        # Workers that wait for a due time or a user, and so have sent nothing yet.
+        self.waiting: set[asyncio.Task[Any]] = set()
+        self.urls: dict[str, URL] = {}
         self.stop = asyncio.Event()
         self.csv = csv.writer(requests_log) if requests_log else None
         if self.csv:
@@ -1003,75 +1101,129 @@ class LoadRunner:
             log.warning("Received %s: stopping", signal.Signals(signum).name)
         self.stop.set()
 
+    @property
+    def stats(self) -> Stats:
+        """The run's overall figures, merged from the templates' figures.
+
+        Each result is recorded in its template only, which halves the cost of
+        recording; the merge runs only for the progress lines and the summary.
+        """
+        overall = Stats()
+        for stats in self.templates.values():
+            overall.merge(stats)
+        return overall
+
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         options = self.options
         self.state.due = -(-options.duration_s * options.rpm // 60)
         self.state.start_wall = time.time()
-        self.state.start_mono = loop.time()
+        self.state.start_mono = time.monotonic()
         end = self.state.start_mono + options.duration_s
-        dispatcher = asyncio.create_task(self._dispatch())
+        for user in self.pool.users:
+            user.copy_cookies(self.site_url)
+        for _ in range(self.concurrency):
+            worker = asyncio.create_task(self._work())
+            self.workers.add(worker)
+            worker.add_done_callback(self.workers.discard)
         stopper = asyncio.create_task(self.stop.wait())
         progress = asyncio.create_task(self._report_progress())
-        await asyncio.wait({dispatcher, stopper}, timeout=end - loop.time(),
-                           return_when=asyncio.FIRST_COMPLETED)
-        finished = dispatcher.done() and not self.stop.is_set()
-        dispatcher.cancel()
-        await asyncio.gather(dispatcher, return_exceptions=True)
+        await asyncio.wait({stopper}, timeout=end - time.monotonic())
+        finished = self.state.sent == self.state.due and not self.stop.is_set()
+        self.close()
         # A completed schedule lasted --duration, even though its last request
         # was due one interval before the end.
-        self.state.stop_mono = end if finished else min(loop.time(), end)
+        self.state.stop_mono = end if finished else min(time.monotonic(), end)
         await self._drain(stopper)
         progress.cancel()
         stopper.cancel()
         await asyncio.gather(progress, stopper, return_exceptions=True)
         self.state.end_wall = time.time()
 
-    async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
+    def close(self) -> None:
+        """Send no more requests; the requests in flight go on."""
+        self.closing = True
+        for worker in self.waiting:
+            worker.cancel()
+
+    async def _work(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        state = self.state
         interval = 60.0 / self.options.rpm
-        start = self.state.start_mono
-        for index in range(self.state.due):
-            due = start + index * interval
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await self.slots.acquire()
-            try:
-                user = await self.pool.acquire()
-            except BaseException:
-                self.slots.release()
-                raise
+        while not self.closing and self.next_index < state.due:
+            user = self.pool.take()
             if user is None:
-                self.slots.release()
-                self.state.users_lost = True
-                log.error("No user is logged in any more: stopping the load")
-                self.stop.set()
-                return
+                self.waiting.add(task)
+                try:
+                    user = await self.pool.acquire()
+                finally:
+                    self.waiting.discard(task)
+                if user is None:
+                    self._stop_without_users()
+                    return
+                if self.closing or self.next_index >= state.due:
+                    self.pool.release(user)
+                    return
+            # Taking the index, the user and the URL in one step keeps their
+            # order the schedule's order, whichever worker runs.
+            index = self.next_index
+            self.next_index = index + 1
             template, url = self.plan.next()
-            self.state.sent += 1
-            task = loop.create_task(self._send(due, user, template.path, url))
-            self.in_flight.add(task)
-            task.add_done_callback(self.in_flight.discard)
+            due = state.start_mono + index * interval
+            if due > time.monotonic():
+                self.waiting.add(task)
+                try:
+                    await sleep_until(due)
+                except asyncio.CancelledError:
+                    self.pool.release(user)
+                    raise
+                finally:
+                    self.waiting.discard(task)
+            await self._send(due, user, template.path, url)
+
+    def _stop_without_users(self) -> None:
+        if not self.state.users_lost:
+            self.state.users_lost = True
+            log.error("No user is logged in any more: stopping the load")
+        self.stop.set()
+
+    def _url(self, url: str) -> URL:
+        """Return the parsed URL, from a bounded cache since pages repeat."""
+        parsed = self.urls.get(url)
+        if parsed is None:
+            if len(self.urls) >= MAX_CACHED_URLS:
+                self.urls.clear()
+            parsed = self.urls[url] = URL(url)
+        return parsed
 
     async def _send(self, due: float, user: User, template: str, url: str) -> None:
-        loop = asyncio.get_running_loop()
+        self.state.sent += 1
         status = 0
         location = body = None
-        sent = loop.time()
+        set_cookie = False
+        sent = time.monotonic()
+        done = sent
         try:
-            async with user.http.get(url, allow_redirects=False) as resp:
+            async with self.http.get(self._url(url), allow_redirects=False,
+                                     headers=user.load_headers) as resp:
                 status = resp.status
                 if 300 <= status < 400:
-                    location = resp.headers.get("Location", "")
+                    location = resp.headers.get(hdrs.LOCATION, "")
                 body = await resp.read()
+                done = time.monotonic()
+                if hdrs.SET_COOKIE in resp.headers:
+                    user.http.cookie_jar.update_cookies(resp.cookies, resp.url)
+                    set_cookie = True
             outcome = ""
         except TimeoutError:
             outcome = "timeout"
         except aiohttp.ClientError:
             outcome = "connection_error"
-        done = loop.time()
+        if body is None:
+            done = time.monotonic()
         try:
+            if set_cookie:
+                user.copy_cookies(self.site_url)
             location_path = None
             if location is not None:
                 location_path = urlsplit(urljoin(url, location)).path
@@ -1088,7 +1240,6 @@ class LoadRunner:
                 await self._relogin(user)
         finally:
             self.pool.release(user)
-            self.slots.release()
 
     def _classify(self, status: int, location_path: str | None) -> str:
         """Return "success" or the failure kind of a response that arrived.
@@ -1105,7 +1256,7 @@ class LoadRunner:
         return "http_4xx" if status < 500 else "http_5xx"
 
     def _record(self, result: Result) -> None:
-        self.stats.record(result)
+        self.completed += 1
         self.templates[result.template].record(result)
         if result.lag_ms > LATE_AFTER_S * 1000:
             self._note_late(result.lag_ms)
@@ -1148,40 +1299,42 @@ class LoadRunner:
             self.state.relogin_failures[err.reason] += 1
             log.error("Login failed for %s: %s", user.name, err)
             self.pool.remove(user)
+            return
+        user.copy_cookies(self.site_url)
 
     async def _drain(self, stopper: asyncio.Task[Any]) -> None:
         """Give in-flight requests up to --timeout (2 s after a signal) to finish."""
-        loop = asyncio.get_running_loop()
         grace = INTERRUPT_GRACE_S if self.state.signal else self.options.timeout_s + 1
-        deadline = loop.time() + grace
-        while self.in_flight and loop.time() < deadline:
-            waiters: set[asyncio.Future[Any]] = set(self.in_flight)
+        deadline = time.monotonic() + grace
+        while self.workers and time.monotonic() < deadline:
+            waiters: set[asyncio.Future[Any]] = set(self.workers)
             if not self.stop.is_set():
                 waiters.add(stopper)
-            await asyncio.wait(waiters, timeout=deadline - loop.time(),
+            await asyncio.wait(waiters, timeout=deadline - time.monotonic(),
                                return_when=asyncio.FIRST_COMPLETED)
             if self.state.signal is not None:
-                deadline = min(deadline, loop.time() + INTERRUPT_GRACE_S)
-        for task in list(self.in_flight):
-            task.cancel()
-        await asyncio.gather(*self.in_flight, return_exceptions=True)
-        # A task cancelled while logging its user in again has its result recorded.
-        self.state.cancelled = self.state.sent - self.stats.total
+                deadline = min(deadline, time.monotonic() + INTERRUPT_GRACE_S)
+        workers = list(self.workers)
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        # A worker cancelled while logging its user in again has its result recorded.
+        self.state.cancelled = self.state.sent - self.completed
 
     def elapsed_s(self) -> float:
-        end = self.state.stop_mono or asyncio.get_running_loop().time()
+        end = self.state.stop_mono or time.monotonic()
         return max(end - self.state.start_mono, 0.0)
 
     async def _report_progress(self) -> None:
         every = self.options.progress_s
         if every <= 0:
             return
-        loop = asyncio.get_running_loop()
-        previous_total, previous_time = 0, loop.time()
+        previous_total, previous_time = 0, time.monotonic()
         while True:
             await asyncio.sleep(every)
-            now = loop.time()
-            total = self.stats.total
+            now = time.monotonic()
+            stats = self.stats
+            total = stats.total
             elapsed = now - self.state.start_mono
             interval_rpm = (total - previous_total) * 60 / max(now - previous_time,
                                                                 1e-9)
@@ -1189,13 +1342,13 @@ class LoadRunner:
             line = {
                 "elapsed_sec": round(elapsed, 1),
                 "total": total,
-                "success": self.stats.success,
-                "failures": total - self.stats.success,
+                "success": stats.success,
+                "failures": total - stats.success,
                 "req_per_min_observed": round(total * 60 / max(elapsed, 1e-9), 1),
                 "req_per_min_last_interval": round(interval_rpm, 1),
             }
             for percent in PERCENTILES:
-                value = self.stats.latency.percentile(percent)
+                value = stats.latency.percentile(percent)
                 line[f"latency_ms_p{percent}"] = rounded(value)
             log.log(PROGRESS, "%s", json.dumps(line))
 
@@ -1348,12 +1501,20 @@ async def run(
         ssl=False if options.insecure else True,
     )
     users = make_users(config, connector, options.timeout_s)
+    # The load's requests carry each user's cookies themselves, see User.
+    load_http = aiohttp.ClientSession(
+        connector=connector, connector_owner=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=options.timeout_s),
+        headers={"User-Agent": USER_AGENT},
+    )
     logged_in: list[User] = []
     failures: collections.Counter[str] = collections.Counter()
     try:
         logged_in, failures = await login_users(site, users, options.concurrency)
         if logged_in:
-            runner = start_runner(site, config, options, logged_in, requests_log)
+            runner = start_runner(site, config, options, logged_in, requests_log,
+                                  load_http)
             await runner.run()
     except asyncio.CancelledError:
         if not stop_signal:
@@ -1363,7 +1524,8 @@ async def run(
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        await asyncio.gather(*(user.http.close() for user in users))
+        await asyncio.gather(load_http.close(),
+                             *(user.http.close() for user in users))
         await connector.close()
     signum = runner.state.signal if runner is not None else None
     if stop_signal:
@@ -1383,11 +1545,11 @@ async def run(
 
 def start_runner(
     site: Site, config: LoadConfig, options: LoadOptions, users: list[User],
-    requests_log: IO[str] | None,
+    requests_log: IO[str] | None, http: aiohttp.ClientSession,
 ) -> LoadRunner:
     pool = UserPool(users)
     runner = LoadRunner(site, RequestPlan(config, options.seed), pool, options,
-                        requests_log)
+                        requests_log, http)
     if len(users) < options.concurrency:
         log.warning(
             "Only %d users are logged in: they cap the concurrency at %d instead of"
@@ -1506,8 +1668,10 @@ def main(argv: list[str] | None = None) -> int:
 
     options = LoadOptions(args.rpm, args.duration, args.concurrency, args.timeout,
                           args.progress, args.seed, args.login_timeout, args.insecure)
+    loop_factory = uvloop.new_event_loop if uvloop is not None else None
     try:
-        summary, code = asyncio.run(run(config, options, requests_log))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            summary, code = runner.run(run(config, options, requests_log))
     except KeyboardInterrupt:
         # Ctrl-C before the signal handlers were installed: nothing ran yet.
         log.warning("Interrupted before the login started")

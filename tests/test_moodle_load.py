@@ -524,6 +524,7 @@ async def test_run_nobody_logged_in(
 
 # A plain aiohttp site for behaviours the Moodle-like site does not have.
 PLAIN_SITE_POSTS: list[dict[str, str]] = []
+SEEN_SESSION_COOKIES: list[str] = []
 
 
 @pytest.fixture
@@ -559,7 +560,14 @@ async def aiohttp_plain_site() -> AsyncIterator[str]:
         request.transport.close()
         return response
 
+    async def rotate(request: web.Request) -> web.Response:
+        SEEN_SESSION_COOKIES.append(request.cookies.get("MoodleSession", ""))
+        response = web.Response(text="page")
+        response.set_cookie("MoodleSession", f"rotated{len(SEEN_SESSION_COOKIES)}")
+        return response
+
     app = web.Application()
+    app.router.add_get("/rotate", rotate)
     app.router.add_get("/notoken", login_form)
     app.router.add_post("/notoken", login_post)
     app.router.add_get("/hang", hang)
@@ -739,6 +747,35 @@ async def test_run_failure_kinds(
     assert [row["status"] for row in rows] == [status, status]
     if outcome == "timeout":
         assert all(float(row["service_time_ms"]) >= 500 for row in rows)
+
+
+async def test_run_cookie_set_during_load(aiohttp_plain_site: str) -> None:
+    SEEN_SESSION_COOKIES.clear()
+    config = config_dict(aiohttp_plain_site, login_path="/notoken",
+                         users=[{"username": "u", "password": "p"}],
+                         urls=[{"path": "/rotate"}])
+    summary, _code, _rows = await run_load(config, rpm=240, duration_s=1)
+    assert summary["success"] == 4
+    # The login POST set "second"; each page then sets the next value.
+    assert SEEN_SESSION_COOKIES == ["second", "rotated1", "rotated2", "rotated3"]
+
+
+async def test_run_requests_start_on_time(moodle_site: MoodleSite) -> None:
+    summary, code, rows = await run_load(
+        config_dict(moodle_site.base_url, urls=[{"path": "/my/"}]),
+        rpm=1200, duration_s=2,
+    )
+    assert code == 0
+    assert len(rows) == 40
+    lags = sorted(float(row["latency_ms"]) - float(row["service_time_ms"])
+                  for row in rows)
+    # The CSV rounds each time to 0.001 ms, so a request sent on time may show
+    # a lag of -0.001.
+    assert lags[0] >= -0.002
+    # A timer wake-up rounded to whole milliseconds would put the median near
+    # 0.5 ms.
+    assert lags[len(lags) // 2] < 0.25
+    assert summary["late_requests"] == 0
 
 
 # ---------------------------------------------------------------------------
@@ -982,6 +1019,29 @@ def test_footer_truncated() -> None:
     assert moodle_load.parse_perf_footer(page[:cut_in_first_item]) is None
 
 
+def test_footer_single_quotes_and_first_item() -> None:
+    footer = (b"<div class='performanceinfo'><ul>"
+              b"<li class='timeused col-sm-4'>0.5 secs</li>"
+              b"<li class='timeused'>9 secs</li>"
+              b"<li class='dbqueries'>DB reads/writes: <b>12</b>/3</li></ul></div>")
+    figures = moodle_load.parse_perf_footer(page_with_footer(footer))
+    assert figures == {"time_ms": 500.0, "db_reads": 12.0, "db_writes": 3.0}
+
+
+def test_footer_first_ram_item_only() -> None:
+    footer = (b'<div class="performanceinfo"><ul>'
+              b'<li class="memoryused">RAM: 7,5 Mo</li>'
+              b'<li class="memoryused">RAM peak: 8 MB</li></ul></div>')
+    assert moodle_load.parse_perf_footer(page_with_footer(footer)) is None
+
+
+def test_footer_class_name_in_text_ignored() -> None:
+    footer = (b'<div class="performanceinfo"><ul><li class="other">timeused 5'
+              b'</li><li class="dbtime">DB queries time: 0.002 secs</li></ul></div>')
+    figures = moodle_load.parse_perf_footer(page_with_footer(footer))
+    assert figures == {"db_time_ms": 2.0}
+
+
 @pytest.mark.parametrize(
     ("text", "megabytes"),
     [("RAM: 7.5\u00a0MB", 7.5), ("RAM: 512 KB", 0.5), ("RAM: 1.5 GB", 1536.0),
@@ -1023,6 +1083,28 @@ def test_server_stats_many_distinct_values() -> None:
     summary = stats.summary()
     assert summary["db_reads"]["distinct"] is None
     assert summary["db_writes"]["distinct"] == {"1": 11}
+
+
+def test_stats_merge_matches_one_recorder() -> None:
+    results = [
+        moodle_load.Result(0.0, "u", "/a", "/a", 200, 10.0 + n, 9.0 + n, 1.0, 100,
+                           "success", None, {"db_reads": 35.0, "time_ms": 50.0})
+        for n in range(5)
+    ] + [
+        moodle_load.Result(0.0, "u", "/b", "/b", 303, 40.0, 39.0, 12.0, 0,
+                           "login_required", "/login/index.php", None),
+        moodle_load.Result(0.0, "u", "/b", "/b", 0, 30_000.0, 30_000.0, 0.0, 0,
+                           "timeout", None, None),
+    ]
+    single = moodle_load.Stats()
+    parts = {"/a": moodle_load.Stats(), "/b": moodle_load.Stats()}
+    for result in results:
+        single.record(result)
+        parts[result.template].record(result)
+    merged = moodle_load.Stats()
+    for part in parts.values():
+        merged.merge(part)
+    assert merged.summary() == single.summary()
 
 
 def test_server_stats_no_footer() -> None:
