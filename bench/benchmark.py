@@ -608,6 +608,7 @@ class Benchmark:
             concurrency=self.plan.concurrency,
             progress=2,
             watch=watch,
+            own_peak_rss=True,
         )
         if "first" not in marks:
             raise StepError(f"no progress reading reached {first} requests")
@@ -626,6 +627,7 @@ class Benchmark:
             "second_count": second,
             "final_total": summary["total"],
             "final_peak_rss_mb": final_kib * 1024 / 1e6,
+            "exit_peak_own_memory": True,
             "growth_mb": growth_mb,
             "reached_second_count": summary["total"] >= second,
             "met": growth_mb <= 10 and readings[-1]["total"] >= second,

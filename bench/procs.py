@@ -12,11 +12,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+SPAWN_FRESH = Path(__file__).resolve().parent / "spawn_fresh.py"
 CLIENT_CPU = "0"
 SERVER_CPU = "1"
 
@@ -140,6 +142,7 @@ def run_measured(
     stop_after: float | None = None,
     stop_signal: int = signal.SIGTERM,
     discard_stdout: bool = False,
+    own_peak_rss: bool = False,
 ) -> Measured:
     """Run a client to its end and return its exit code, CPU time and peak RSS.
 
@@ -148,7 +151,15 @@ def run_measured(
     previous call.
     stop_after sends stop_signal after that many seconds (for clients that stream
     until stopped); timeout sends SIGKILL and marks the run as timed out.
+    own_peak_rss starts the command through spawn_fresh.py, so that its peak RSS
+    leaves out the benchmark's own memory, which a forked child starts with. watch
+    then gets the command's pid.
     """
+    rss_path = workdir / f"{name}.peak_rss_kib"
+    pid_path = workdir / f"{name}.pid"
+    if own_peak_rss:
+        command = [sys.executable, str(SPAWN_FRESH), str(pid_path), str(rss_path),
+                   *command]
     out_path = workdir / f"{name}.stdout"
     err_path = workdir / f"{name}.stderr"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -164,6 +175,7 @@ def run_measured(
     timed_out = False
     terminated = False
     stderr_offset = 0
+    client_pid = None if own_peak_rss else process.pid
     _measured_pids.add(process.pid)
     try:
         while True:
@@ -177,14 +189,17 @@ def run_measured(
             if elapsed >= timeout and not timed_out:
                 os.killpg(process.pid, signal.SIGKILL)
                 timed_out = True
-            if watch is not None:
+            if client_pid is None:
+                with contextlib.suppress(OSError, ValueError):
+                    client_pid = int(pid_path.read_text())
+            if watch is not None and client_pid is not None:
                 with open(err_path, "rb") as err:
                     err.seek(stderr_offset)
                     new_bytes = err.read()
                 # Hand over whole lines only.
                 complete = new_bytes[: new_bytes.rfind(b"\n") + 1]
                 stderr_offset += len(complete)
-                watch(process.pid, complete.decode(errors="replace"))
+                watch(client_pid, complete.decode(errors="replace"))
             time.sleep(0.1)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
@@ -200,13 +215,16 @@ def run_measured(
     # The child may have left helpers in its process group.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    max_rss_kib = usage.ru_maxrss
+    if own_peak_rss and rss_path.exists():
+        max_rss_kib = int(rss_path.read_text())
     return Measured(
         command=list(command),
         returncode=process.returncode,
         wall_s=wall,
         cpu_user_s=usage.ru_utime,
         cpu_system_s=usage.ru_stime,
-        max_rss_kib=usage.ru_maxrss,
+        max_rss_kib=max_rss_kib,
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
         timed_out=timed_out,

@@ -278,12 +278,28 @@ def render_memory(result: dict[str, Any]) -> str:
         f"| at exit, after the summary | {figures['exit_mb']:.1f} |\n\n"
         f"Growth during the load: **{figures['growth_mb']:.2f} MB** "
         f"(1 MB = 10^6 bytes). Target {verdict(figures['met'])}.\n\n"
-        f"The process's peak at exit (from wait4()) is {exit_rise:.1f} MB above the "
-        "last reading during the load, so that rise happens after the last progress "
-        "line: while the run stops, drains and builds its summary. It is not growth "
-        "per request during the load, but it is the peak a user of the process "
-        "sees. Whether it grows with the count of requests is not measured here; "
-        "the exit peak of a run of 100,000 requests would show it.\n"
+        f"{exit_text(exit_rise, result.get('exit_peak_own_memory', False))}\n"
+    )
+
+
+def exit_text(exit_rise: float, own_memory: bool) -> str:
+    """Explain the exit peak and whether the benchmark's memory is left out of it."""
+    source = "The peak at exit comes from wait4(). "
+    if own_memory:
+        source = (
+            "The peak at exit comes from wait4() of the client, started by "
+            "bench/spawn_fresh.py so that it leaves out the benchmark's own memory. "
+        )
+    if exit_rise <= 1:
+        return source + (
+            f"It is {exit_rise:.1f} MB above the last reading during the load, so "
+            "stopping, draining and building the summary add no peak of their own."
+        )
+    return source + (
+        f"It is {exit_rise:.1f} MB above the last reading during the load, so that "
+        "rise happens after the last progress line: while the run stops, drains and "
+        "builds its summary. It is not growth per request during the load, but it "
+        "is the peak a user of the process sees."
     )
 
 

@@ -66,8 +66,12 @@ def run_moodle_load(
     concurrency: int = 20,
     progress: int = 30,
     watch: Callable[[int, str], None] | None = None,
+    own_peak_rss: bool = False,
 ) -> tuple[dict[str, Any], Measured]:
-    """Run moodle_load.py once and return its JSON summary and process record."""
+    """Run moodle_load.py once and return its JSON summary and process record.
+
+    own_peak_rss: see run_measured; the memory step needs it.
+    """
     script = REPO / "moodle_load.py"
     if not script.exists():
         raise StepError("moodle_load.py is not in the repository yet")
@@ -106,6 +110,7 @@ def run_moodle_load(
         name=name,
         timeout=duration + 180,
         watch=watch_load_start,
+        own_peak_rss=own_peak_rss,
     )
     if load_start_cpu_s:
         measured.notes["load_cpu_s"] = measured.cpu_s - load_start_cpu_s[0]
