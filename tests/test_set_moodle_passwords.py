@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -224,6 +225,31 @@ def stray_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
+def sample_site() -> script.SiteConfig:
+    """Return the SiteConfig that the script reads from the sample database."""
+    return script.SiteConfig(
+        mnethostid=1, admin_ids=[2, 6], policy_check_on_login=False
+    )
+
+
+def wait_until_blocked_on_lock(
+    server: pg_server.PgServer, process: subprocess.Popen[str]
+) -> None:
+    """Wait until the script's connection waits for a row lock the test holds."""
+    deadline = time.monotonic() + 60
+    with contextlib.closing(server.admin_connect()) as admin, admin.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                " 'set_moodle_passwords' AND wait_event_type = 'Lock'"
+            )
+            if cursor.fetchone()[0] == 1:
+                return
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+    pytest.fail("the script never waited for the row lock held by the test")
+
+
 # ---------------------------------------------------------------- runs that change
 
 
@@ -257,7 +283,7 @@ def test_run_changes_eligible_users_and_config(server, db, clean_env, tmp_path):
         k: v for k, v in OLD_CONFIG.items() if k != "users"
     }
     assert list(written) == list(OLD_CONFIG)
-    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.stat().st_mode) == 0o644
     assert stray_files(tmp_path) == []
 
 
@@ -272,6 +298,35 @@ def test_run_new_config_mode_0600(server, db, clean_env, tmp_path):
         {"username": "tool_generator_000001", "password": PASSWORD}
     ]
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_run_existing_config_keeps_mode(server, db, clean_env, tmp_path, mode):
+    config = tmp_path / "config.json"
+    write_config(config, OLD_CONFIG)
+    config.chmod(mode)
+
+    result = run_on(server, db, clean_env, "--count", "1", "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(config.read_text())["users"][0]["password"] == PASSWORD
+    assert stat.S_IMODE(config.stat().st_mode) == mode
+
+
+def test_run_existing_config_keeps_owner(server, db, clean_env, tmp_path):
+    """Run as root on another user's config, the new file still belongs to them."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    config = tmp_path / "config.json"
+    write_config(config, OLD_CONFIG)
+    os.chown(config, 65534, 65534)
+
+    result = run_on(server, db, clean_env, "--count", "1", "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(config.read_text())["users"][0]["password"] == PASSWORD
+    assert config.stat().st_uid == 65534
+    assert config.stat().st_gid == 65534
 
 
 def test_run_all_eligible_never_touches_others(server, db, clean_env, tmp_path):
@@ -335,6 +390,8 @@ def test_run_multibyte_and_72_byte_passwords(server, db, clean_env, tmp_path, pa
         "username LIKE 'tool_generator_%'",
         "username LIKE 'tool_generator_%' -- a trailing comment",
         "username LIKE 'tool\\_generator\\_%' AND email LIKE '%@example.invalid'",
+        "(username LIKE 'tool_generator_%') AND email <> ')(' /* ) */ -- )(",
+        "username LIKE $$tool_generator_%$$ AND \"username\" <> E'\\')'",
     ],
 )
 def test_run_where_with_percent(server, db, clean_env, tmp_path, where):
@@ -352,20 +409,89 @@ def test_run_where_with_percent(server, db, clean_env, tmp_path, where):
     assert len(names) == 7
 
 
-def test_run_where_breaking_out_changes_nothing(server, db, clean_env, tmp_path):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_where_breaking_out_rejected(server, db, clean_env, tmp_path, dry_run):
     """A --where that closes the parentheses cannot bring guest or admins in."""
     config = tmp_path / "c.json"
     original = write_config(config, OLD_CONFIG)
     before = snapshot(server, db)
+    extra = ["--dry-run"] if dry_run else []
 
     result = run_on(server, db, clean_env, "--count", "3", "--config", str(config),
-                    "--where", "id > 100) OR (id > 0")  # fmt: skip
+                    "--where", "true) OR (1=1", *extra)  # fmt: skip
 
-    assert result.returncode == 1
-    assert "were still eligible" in result.stderr
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert (
+        "argument --where: has unbalanced parentheses outside string literals and"
+        " comments (a ')' has no matching '('), write one condition whose"
+        " parentheses balance"
+    ) in result.stderr
     assert snapshot(server, db) == before
     assert config.read_bytes() == original
-    assert stray_files(tmp_path) == []
+
+
+def test_select_rejects_ineligible_rows(server, db):
+    """The check after the SELECT works even for a --where the parser let through."""
+    with contextlib.closing(server.connect(db)) as conn, conn.cursor() as cursor:
+        with pytest.raises(script.SetPasswordsError) as caught:
+            script.select_users(cursor, "mdl_", sample_site(), "true) OR (1=1", 20)
+
+    assert str(caught.value) == (
+        "the --where condition selected users that the eligibility rules exclude"
+        " (guest, admin, tool_generator_000004, ...), it reaches outside its"
+        " parentheses (--where 'true) OR (1=1'); nothing was changed, fix the"
+        " condition"
+    )
+
+
+def test_update_rejects_ineligible_user(server, db):
+    before = snapshot(server, db)
+    with contextlib.closing(server.connect(db)) as conn, conn.cursor() as cursor:
+        with pytest.raises(script.SetPasswordsError) as caught:
+            script.update_users(cursor, "mdl_", sample_site(),
+                                [script.User(1, "guest")], "$2y$04$x")  # fmt: skip
+        conn.rollback()
+
+    assert str(caught.value).startswith(
+        "1 user was chosen but only 0 were still eligible at the update"
+    )
+    assert snapshot(server, db) == before
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "username = ')'",
+        "username = 'it''s )'",
+        "\"user)name\" = 'x'",
+        "username <> $$)$$ AND username <> $tag$)$tag$",
+        "E'\\')' <> username",
+        "true -- )",
+        "true /* ) /* ( */ ) */",
+        "(id > 3) AND (id < 9)",
+        "(a$b$c = 1)",
+    ],
+)
+def test_where_balanced_accepted(where):
+    assert script.where_condition(where) == where
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "true) OR (1=1",
+        "(true",
+        "'a\\') OR (1=1 --'",
+        "true /* */ ) OR (1=1",
+        "E'\\'' ) OR (1=1",
+        "\"a\"\"\") OR (1=1",
+        "a$b$ ) OR (1=1 $b$",
+    ],
+)
+def test_where_unbalanced_rejected(where):
+    with pytest.raises(script.argparse.ArgumentTypeError, match="unbalanced"):
+        script.where_condition(where)
 
 
 def test_run_moodle_docker_prefix(server, clean_env, tmp_path):
@@ -476,8 +602,11 @@ def test_commit_failure_leaves_db_and_config(server, db, clean_env, tmp_path):
     result = run_on(server, db, clean_env, "--count", "2", "--config", str(config))
 
     assert result.returncode == 1
-    assert "updated 2 users, deleted 1 blocking preferences" in result.stderr
-    assert "error: the commit failed: commit rejected by the test" in result.stderr
+    assert result.stdout == ""
+    assert "deleted" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "error: the commit failed: commit rejected by the test; nothing was changed"
+    )
     assert snapshot(server, db) == before
     assert config.read_bytes() == original
     assert stray_files(tmp_path) == []
@@ -522,6 +651,247 @@ def test_wrong_db_password_reason_shown(server, db, clean_env, tmp_path):
 
     assert result.returncode == 1
     assert 'password authentication failed for user "moodle"' in result.stderr
+
+
+@pytest.mark.parametrize("password", ["moodle", "a"])
+def test_error_keeps_names_equal_to_password(clean_env, tmp_path, password):
+    """A password that is also a database, user or word is no reason to mask them."""
+    port = pg_server.free_port()
+    args = ["--db-host", "127.0.0.1", "--db-port", str(port), "--db-name", "moodle",
+            "--db-user", "moodle", "--db-pass", password, "--password", password,
+            "--config", str(tmp_path / "c.json")]  # fmt: skip
+
+    result = run_script(args, clean_env, secrets=())
+
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert line.startswith(
+        f"error: cannot connect to PostgreSQL at host 127.0.0.1 port {port},"
+        " database moodle, user moodle: connection to server at"
+    )
+    assert line.endswith(
+        "; check --db-host, --db-port, --db-name, --db-user and the password"
+        " (--db-pass, PGPASSWORD or ~/.pgpass)"
+    )
+    assert "***" not in line
+
+
+def test_socket_host_with_password_masked(clean_env, tmp_path):
+    """libpq echoes the host it could not reach; a password item in it is masked."""
+    host = f"{tmp_path}/none password=Sock-Secret-8"
+    args = ["--db-host", host, "--db-port", "1", "--db-name", "moodle",
+            "--db-user", "moodle", "--password", PASSWORD,
+            "--config", str(tmp_path / "c.json")]  # fmt: skip
+
+    result = run_script(args, clean_env, secrets=(PASSWORD, "Sock-Secret-8"))
+
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert line.startswith(
+        f"error: cannot connect to PostgreSQL at host {tmp_path}/none password=***"
+        " port 1, database moodle, user moodle: connection to server on socket"
+        f' "{tmp_path}/none password=***'
+    )
+
+
+@pytest.mark.parametrize("option", ["--password", "--db-pass"])
+def test_non_utf8_secret_not_echoed(clean_env, tmp_path, option):
+    """argparse repeats the value of a ValueError, and psycopg2 cannot encode it."""
+    secret = "Echo-me-\udcff"  # the byte 0xff, which is not UTF-8, as Python decodes it
+    args = ["--db-host", "127.0.0.1", "--db-port", "1", "--password", PASSWORD,
+            "--config", str(tmp_path / "c.json"), option, secret]  # fmt: skip
+
+    result = run_script(args, clean_env, secrets=(PASSWORD, "Echo-me-"))
+
+    assert result.returncode == 2
+    assert f"argument {option}: is not valid UTF-8, pass it in UTF-8" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("host=h password=abc dbname=d", "host=h password=*** dbname=d"),
+        ("password = 'a b\\' c' user=u", "password = *** user=u"),
+        ("PASSWORD=x", "PASSWORD=***"),
+        ('"postgresql://moodle:s3cret@127.0.0.1:5432/moodle" to address',
+         '"postgresql://moodle:***@127.0.0.1:5432/moodle" to address'),
+        ("postgres://u:p@h/db?password=x&sslmode=require",
+         "postgres://u:***@h/db?password=***"),
+        ("database moodle, user moodle", "database moodle, user moodle"),
+        ('password authentication failed for user "moodle"',
+         'password authentication failed for user "moodle"'),
+        ("postgresql://moodle@h/db", "postgresql://moodle@h/db"),
+    ],
+)  # fmt: skip
+def test_mask_conninfo_passwords(text, masked):
+    assert script.mask_conninfo_passwords(text) == masked
+
+
+# ---------------------------------------------------------------- output and signals
+
+
+def test_unwritable_config_folder_stops_before_db(server, db, clean_env):
+    """/proc takes no new files, not even from root, so the check cannot pass."""
+    before = snapshot(server, db)
+
+    result = run_on(server, db, clean_env, "--count", "2",
+                    "--config", "/proc/moodle-load-config.json")  # fmt: skip
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "connected to database" not in result.stderr
+    assert "hashing" not in result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("error: cannot create a file in folder /proc of --config (")
+    assert line.endswith(
+        "), make the folder writable or point --config elsewhere; nothing was changed"
+    )
+    assert snapshot(server, db) == before
+
+
+def test_dry_run_ignores_unwritable_config_folder(server, db, clean_env):
+    result = run_on(server, db, clean_env, "--count", "1", "--dry-run",
+                    "--config", "/proc/moodle-load-config.json")  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "3\ttool_generator_000001\n"
+
+
+def test_stdout_full_after_commit(server, db, clean_env, tmp_path):
+    config = tmp_path / "config.json"
+    before = user_rows(server, db)
+    args = [*db_options(server, db), "--password", PASSWORD, "--bcrypt-cost", COST,
+            "--count", "1", "--config", str(config)]  # fmt: skip
+
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), *args],
+            env=clean_env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "error: cannot write the result to stdout (No space left on device), but the"
+        f" users were updated and {config} was written; check where stdout goes"
+    )
+    assert_changed_exactly(before, user_rows(server, db), [3])
+    assert json.loads(config.read_text())["users"][0]["password"] == PASSWORD
+
+
+def test_stdout_full_in_dry_run(server, db, clean_env, tmp_path):
+    args = [*db_options(server, db), "--password", PASSWORD, "--count", "1",
+            "--dry-run", "--config", str(tmp_path / "c.json")]  # fmt: skip
+
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), *args],
+            env=clean_env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "error: cannot write the user list to stdout (No space left on device),"
+        " check where stdout goes; nothing was changed"
+    )
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "what"),
+    [
+        (signal.SIGTERM, 143, "terminated by SIGTERM"),
+        (signal.SIGINT, 130, "interrupted by Ctrl-C (SIGINT)"),
+    ],
+)
+def test_signal_rolls_back_transaction(
+    server, db, clean_env, tmp_path, signum, code, what
+):
+    """The signal arrives while the UPDATE waits for a row lock that the test holds."""
+    config = tmp_path / "config.json"
+    original = write_config(config, OLD_CONFIG)
+    before = snapshot(server, db)
+    args = [*db_options(server, db), "--password", PASSWORD, "--bcrypt-cost", COST,
+            "--count", "2", "--config", str(config)]  # fmt: skip
+
+    with contextlib.closing(server.connect(db)) as blocker:
+        blocker.cursor().execute("SELECT id FROM mdl_user WHERE id = 3 FOR UPDATE")
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args], env=clean_env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            wait_until_blocked_on_lock(server, process)
+            process.send_signal(signum)
+        finally:
+            blocker.rollback()
+        stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == code, stderr
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
+        f"error: {what}, any open transaction was rolled back and nothing was"
+        " changed; run again to set the passwords"
+    )
+    assert snapshot(server, db) == before
+    assert config.read_bytes() == original
+    assert stray_files(tmp_path) == []
+
+
+def test_stop_signals_held_after_commit_start():
+    """A signal raises until hold(), and is only recorded from then on."""
+    signals = script.StopSignals()
+
+    with pytest.raises(script.Interrupted) as caught:
+        signals.handle(signal.SIGTERM, None)
+    assert caught.value.signum == signal.SIGTERM
+
+    signals = script.StopSignals()
+    signals.hold()
+    signals.handle(signal.SIGINT, None)
+    assert signals.held_signal == signal.SIGINT
+
+
+def test_stop_signals_second_signal_recorded():
+    """A second signal during the rollback does not interrupt the cleanup."""
+    signals = script.StopSignals()
+    with pytest.raises(script.Interrupted):
+        signals.handle(signal.SIGTERM, None)
+
+    signals.handle(signal.SIGTERM, None)
+
+    assert signals.held_signal == signal.SIGTERM
+
+
+def test_counts_of_one_singular(server, db, clean_env, tmp_path):
+    config = tmp_path / "c.json"
+
+    dry = run_on(server, db, clean_env, "--count", "1", "--dry-run",
+                 "--config", str(config))  # fmt: skip
+    one = run_on(server, db, clean_env, "--count", "1", "--config", str(config))
+    two = run_on(server, db, clean_env, "--count", "2", "--config", str(config))
+
+    assert "chose 1 user, id 3\n" in dry.stderr
+    assert "dry run: 1 user would be updated and written to" in dry.stderr
+    assert one.stdout == f"updated 1 user, config written to {config}\n"
+    assert "deleted 0 user preferences that blocked the login\n" in one.stderr
+    assert "chose 2 users, ids 3 to 4\n" in two.stderr
+    assert "deleted 1 user preference that blocked the login\n" in two.stderr
+    assert two.stdout == f"updated 2 users, config written to {config}\n"
+
+
+def test_too_few_users_singular(server, db, clean_env, tmp_path):
+    result = run_on(server, db, clean_env, "--count", "2", "--where",
+                    "username = 'teacher1'", "--config", str(tmp_path / "c.json"))
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "error: only 1 user matches, --count asks for 2; lower --count or widen"
+        " --where (nothing was changed)"
+    )
 
 
 # ---------------------------------------------------------------- libpq conventions
@@ -569,7 +939,7 @@ def test_password_file_supplies_db_password(server, db, clean_env, tmp_path, via
     result = run_script([*args, *options, "--config", str(tmp_path / "c.json")], env)
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("updated 1 users")
+    assert result.stdout.startswith("updated 1 user,")
 
 
 def test_no_db_password_anywhere_fails(server, db, clean_env, tmp_path):
@@ -602,13 +972,16 @@ def test_no_db_password_anywhere_fails(server, db, clean_env, tmp_path):
         ("--prefix", "m-", "invalid prefix"),
         ("--db-port", "70000", "must be 1 to 65535"),
         ("--where", "1=1; DROP TABLE x", "must be one condition without ';'"),
+        ("--db-host", "postgresql://moodle:Uri-Secret-5@127.0.0.1/moodle",
+         "is a connection URI, not a host name"),
     ],
 )
 def test_invalid_option_exits_2(clean_env, tmp_path, option, value, message):
     """Validation happens before connecting: port 1 would fail with exit code 1."""
     args = ["--db-host", "127.0.0.1", "--db-port", "1", "--password", PASSWORD,
             "--config", str(tmp_path / "c.json"), option, value]  # fmt: skip
-    secrets = (PASSWORD, value) if option == "--password" and value else (PASSWORD,)
+    secret_options = ("--password", "--db-host")
+    secrets = (PASSWORD, value) if option in secret_options and value else (PASSWORD,)
 
     result = run_script(args, clean_env, secrets=secrets)
 
