@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -237,6 +240,24 @@ def test_output_path_with_and_without_tag(tmp_path):
     assert cds.output_path(tmp_path, "db", stamp, None).name == "db_20261204-120005.csv"
 
 
+@pytest.mark.parametrize(
+    "row",
+    [
+        ["2026-12-04T12:00:05.123Z", "db", "", "20070400", "", "3", "", "", "0", "0"],
+        ["t", "db", "1.00%", "80MiB / 2GiB", "--", "9.98kB / 1.34kB"],
+        ["t", "a,b", "1"],
+        ["t", 'say "hi"', "1"],
+        ["t", "two\nlines", "1"],
+        ["t", "carriage\rreturn", "1"],
+        ["", "", ""],
+    ],
+)
+def test_csv_line_matches_csv_writer(row):
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(row)
+    assert cds.csv_line(row) == buffer.getvalue().encode()
+
+
 # ---------------------------------------------------------------- recorder
 
 
@@ -309,6 +330,120 @@ def test_counter_total_never_seen_is_none():
     counter = cds.CounterTotal()
     counter.add(None)
     assert counter.result() is None
+
+
+# ---------------------------------------------------------------- stats stream
+
+
+class FakeResponse:
+    """Fake of a streamed requests.Response that ends the run after its chunks."""
+
+    def __init__(self, chunks: list[bytes], last: bool, stop: threading.Event):
+        self.chunks = chunks
+        self.last = last
+        self.stop = stop
+        self.closed = False
+
+    def raise_for_status(self) -> None:
+        pass
+
+    def iter_content(self, chunk_size: int | None) -> Iterator[bytes]:
+        assert chunk_size is None
+        yield from self.chunks
+        if self.last:
+            self.stop.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeApi:
+    """Fake of the SDK's APIClient session: each request streams the next chunks."""
+
+    base_url = "http+docker://localhost"
+    api_version = "1.41"
+    timeout = 60
+
+    def __init__(self, calls: list[list[bytes]], stop: threading.Event):
+        self.calls = calls
+        self.stop = stop
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.responses: list[FakeResponse] = []
+
+    def get(self, url: str, **kwargs: Any) -> FakeResponse:
+        self.requests.append((url, kwargs))
+        index = len(self.requests) - 1
+        last = index == len(self.calls) - 1
+        response = FakeResponse(self.calls[index], last, self.stop)
+        self.responses.append(response)
+        return response
+
+
+def read_payloads(calls: list[list[bytes]]) -> tuple[list[Any], Any]:
+    """Run one StatsStream over the fake chunks; return what it published."""
+    stop = threading.Event()
+    api = FakeApi(calls, stop)
+    stream = cds.StatsStream(SimpleNamespace(api=api), "db", stop)
+    published: list[Any] = []
+    original = stream.publish
+
+    def record(payload: dict[str, Any] | None, running: bool) -> None:
+        published.append((payload, running))
+        original(payload, running)
+
+    stream.publish = record  # type: ignore[method-assign]
+    stream.run()
+    return published, stream
+
+
+def encoded(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
+
+
+def test_stream_splits_and_joins_chunks(v1_stream):
+    first, second, third = (encoded(p) for p in v1_stream)
+    published, stream = read_payloads(
+        [[first, second + third[:100], third[100:500], third[500:]]]
+    )
+    assert [payload for payload, _ in published] == v1_stream
+    assert all(running for _, running in published)
+    assert stream.snapshot.sequence == 3
+    assert stream.snapshot.payload == v1_stream[2]
+
+
+def test_stream_requests_versioned_stats_url(v1_stream):
+    stop = threading.Event()
+    api = FakeApi([[encoded(v1_stream[0])]], stop)
+    cds.StatsStream(SimpleNamespace(api=api), "db", stop).run()
+    assert api.requests == [
+        (
+            "http+docker://localhost/v1.41/containers/db/stats",
+            {"params": {"stream": True}, "stream": True, "timeout": 60},
+        )
+    ]
+    assert api.responses[0].closed
+
+
+def test_stream_last_payload_without_newline(v1_stream):
+    text = json.dumps(v1_stream[0]).encode()
+    published, _ = read_payloads([[text[:700], text[700:]]])
+    assert published == [(v1_stream[0], True)]
+
+
+def test_stream_zero_read_time_is_stopped(v1_stream, v1_stopped):
+    published, stream = read_payloads(
+        [[encoded(v1_stream[0]), encoded(v1_stopped), encoded(v1_stream[1])]]
+    )
+    assert published == [(v1_stream[0], True), (None, False), (v1_stream[1], True)]
+    assert stream.first_sample.is_set()
+
+
+def test_stream_invalid_json_reconnects(v1_stream, caplog, monkeypatch):
+    monkeypatch.setattr(cds, "RECONNECT_S", 0.01)
+    published, stream = read_payloads([[b"{not json\n"], [encoded(v1_stream[0])]])
+    assert published == [(None, False), (v1_stream[0], True)]
+    assert stream.errors == 1
+    assert "stats stream of db failed" in caplog.text
 
 
 # ---------------------------------------------------------------- command line
@@ -613,3 +748,78 @@ def test_engine_stopped_container_no_file(engine, containers, tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith(f"error: container is not running, {name}")
     assert not outdir.exists()
+
+
+class FakeListApi:
+    def __init__(self, entries: list[dict[str, Any]]):
+        self.entries = entries
+
+    def containers(self, all: bool) -> list[dict[str, Any]]:
+        assert all
+        return self.entries
+
+
+def test_list_containers_full_id_wins_over_name():
+    entries = [
+        {"Id": "a" * 64, "Names": ["/web", "/proxy/web"], "State": "running"},
+        # A container whose name is another one's full ID.
+        {"Id": "b" * 64, "Names": ["/" + "a" * 64], "State": "exited"},
+        {"Id": "c" * 64, "Names": None, "State": "running"},
+    ]
+    known = cds.list_containers(SimpleNamespace(api=FakeListApi(entries)))
+    assert known["web"] == cds.ContainerSummary("a" * 64, "web", "running")
+    assert known["a" * 64].name == "web"
+    assert "proxy/web" not in known
+    assert "c" * 64 not in known
+
+
+def test_engine_resolve_by_name_id_and_prefix(engine, containers):
+    client, _ = engine
+    name = containers.start("resolve", "sleep 600")
+    container_id = client.containers.get(name).id
+    assert cds.resolve_containers(client, [name]) == [name]
+    assert cds.resolve_containers(client, [container_id]) == [name]
+    # Prefixes and a leading slash are left to the engine's inspect endpoint.
+    assert cds.resolve_containers(client, [container_id[:12]]) == [name]
+    assert cds.resolve_containers(client, ["/" + name]) == [name]
+    with pytest.raises(cds.CaptureError, match="container given twice"):
+        cds.resolve_containers(client, [name, container_id[:12]])
+
+
+def test_engine_resolve_stopped_names_status(engine, containers):
+    client, _ = engine
+    name = containers.start("resolve-exited", "true")
+    wait_until(lambda: client.containers.get(name).status == "exited", 15, "the exit")
+    with pytest.raises(cds.CaptureError) as error:
+        cds.resolve_containers(client, [name])
+    assert str(error.value) == (
+        f"container is not running, {name} (status exited), "
+        f"start it with docker start {name}"
+    )
+
+
+def test_engine_connect_skips_proxy_lookup_on_socket(engine):
+    client = cds.connect(1)
+    try:
+        if client.api.base_url.startswith("http+docker://"):
+            assert client.api.trust_env is False
+        else:
+            assert client.api.trust_env is True
+    finally:
+        client.close()
+
+
+def test_engine_stream_missing_container_not_running(engine):
+    client, _ = engine
+    stop = threading.Event()
+    missing = f"{docker_engine.SESSION_PREFIX}-never-created"
+    stream = cds.StatsStream(client, missing, stop)
+    stream.start()
+    try:
+        assert stream.first_sample.wait(15)
+    finally:
+        stop.set()
+        stream.join(timeout=15)
+    assert stream.snapshot.running is False
+    assert stream.snapshot.payload is None
+    assert stream.errors == 0  # NotFound is expected while a container is gone
