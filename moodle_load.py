@@ -13,6 +13,7 @@ Usage: python moodle_load.py --config config.json --rpm 1200 --duration 300
 
 Exit codes:
     0    the run finished
+    1    the summary could not be written to stdout, --output or --requests-log
     2    invalid arguments or config, or an output file that cannot be written
     3    nobody logged in (no load phase), or every session was lost and the
          users could not log in again
@@ -34,8 +35,10 @@ import argparse
 import asyncio
 import bisect
 import collections
+import contextlib
 import csv
 import datetime
+import difflib
 import html.parser
 import json
 import logging
@@ -44,6 +47,7 @@ import os
 import random
 import re
 import signal
+import stat
 import string
 import sys
 import time
@@ -66,6 +70,7 @@ except ImportError:  # optional: the standard event loop works, at a lower rate
 log = logging.getLogger("moodle_load")
 
 EXIT_OK = 0
+EXIT_OUTPUT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_LOGIN = 3
 EXIT_SIGINT = 130
@@ -96,6 +101,7 @@ WAKE_EARLY_S = 0.001
 MAX_CACHED_URLS = 10_000
 # At most one "falling behind" warning per this many seconds.
 BEHIND_WARNING_EVERY_S = 10.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # After SIGINT or SIGTERM, in-flight requests get this long to finish.
 INTERRUPT_GRACE_S = 2.0
 # The target rate counts as reached when this share of the due requests was sent.
@@ -147,6 +153,15 @@ LOGIN_FAILURE_TEXT = {
     "timeout": "timed out",
     "connection_error": "connection error",
 }
+# A login error message is logged once per user up to this count, and its
+# further repeats as one line with their number, so that a site that is down
+# does not print one line per user.
+LOGIN_ERRORS_PER_MESSAGE = 3
+# The keys that a config may contain, at each level.
+CONFIG_KEYS = ("base_url", "login_path", "users", "parameters", "urls")
+USER_KEYS = ("username", "password")
+PARAMETER_KEYS = ("min", "max")
+URL_KEYS = ("path", "weight")
 CSV_COLUMNS = ["scheduled_time", "user", "url_template", "url", "status",
                "latency_ms", "service_time_ms", "bytes", "outcome",
                *(f"server_{name}" for name in SERVER_FIGURE_SCALES)]
@@ -299,6 +314,13 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def plural(count: int, noun: str, plural_noun: str = "") -> str:
+    """Return the count with the noun, singular for 1: "1 user", "2 users"."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {plural_noun or noun + 's'}"
+
+
 # ---------------------------------------------------------------------------
 # Moodle's performance footer
 # ---------------------------------------------------------------------------
@@ -377,6 +399,9 @@ class ServerStats:
     def __init__(self) -> None:
         self.with_footer = 0
         self.without_footer = 0
+        # 2xx responses without a footer: only these mean the footer is off, since
+        # redirects and error pages may lack it on a site that has it on.
+        self.pages_without_footer = 0
         self.figures = {
             name: Histogram(scale) for name, scale in SERVER_FIGURE_SCALES.items()
         }
@@ -384,9 +409,11 @@ class ServerStats:
             "db_reads": collections.Counter(), "db_writes": collections.Counter(),
         }
 
-    def record(self, perf: dict[str, float] | None) -> None:
+    def record(self, perf: dict[str, float] | None, status: int = 0) -> None:
         if perf is None:
             self.without_footer += 1
+            if 200 <= status < 300:
+                self.pages_without_footer += 1
             return
         self.with_footer += 1
         for name, value in perf.items():
@@ -402,6 +429,7 @@ class ServerStats:
     def merge(self, other: ServerStats) -> None:
         self.with_footer += other.with_footer
         self.without_footer += other.without_footer
+        self.pages_without_footer += other.pages_without_footer
         for name, histogram in other.figures.items():
             self.figures[name].merge(histogram)
         for name, theirs in other.distinct.items():
@@ -471,7 +499,7 @@ class Stats:
                 path = "(other)"
             self.locations[path] += 1
         if result.outcome not in ("timeout", "connection_error"):
-            self.server.record(result.perf)
+            self.server.record(result.perf, result.status)
 
     def merge(self, other: Stats) -> None:
         """Add another template's figures, to build the run's overall figures."""
@@ -524,6 +552,37 @@ def is_integer(value: Any) -> bool:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def json_type(value: Any) -> str:
+    """Name the JSON type of a parsed value, for messages that must not show it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def check_keys(
+    entry: dict[str, Any], known: tuple[str, ...], where: str | None,
+    errors: list[str],
+) -> None:
+    """Reject the keys of entry that the config does not use, such as typos.
+
+    where is the entry's place, such as "users[0]", or None at the top level.
+    """
+    for key in entry:
+        if key in known:
+            continue
+        place = json.dumps(key) if where is None else f"{where}.{key}"
+        match = difflib.get_close_matches(key, known, n=1)
+        fix = f'rename it to "{match[0]}"' if match else "remove it"
+        errors.append(f"error: unknown key, {place}, {fix} (known keys:"
+                      f" {', '.join(known)})")
 
 
 def read_config_file(path: Path) -> Any:
@@ -596,20 +655,61 @@ def check_users(config: dict[str, Any], errors: list[str]) -> list[Credentials]:
             errors.append(f"error: user is not an object, {where}, write it as"
                           ' {"username": ..., "password": ...}')
             continue
-        username, password = entry.get("username"), entry.get("password")
-        if not isinstance(username, str) or not username:
-            errors.append(f"error: missing or empty username, {where}.username,"
-                          " give the Moodle username as a string")
-        elif username in seen:
-            errors.append(f"error: duplicate username, {where}.username ="
-                          f" {json.dumps(username)}, list each user once")
-        if not isinstance(password, str):
-            errors.append(f"error: missing password, {where}.password, give the"
-                          " password as a string")
-        if isinstance(username, str) and username and isinstance(password, str):
-            seen.add(username)
+        check_keys(entry, USER_KEYS, where, errors)
+        username = check_username(entry, where, seen, errors)
+        password = check_password(entry, where, errors)
+        if username is not None and password is not None:
             users.append(Credentials(username, password))
     return users
+
+
+def check_username(
+    entry: dict[str, Any], where: str, seen: set[str], errors: list[str]
+) -> str | None:
+    """Return the user's valid username and add it to seen, else None."""
+    if "username" not in entry:
+        errors.append(f"error: missing key, {where}.username, add the Moodle"
+                      " username as a string")
+        return None
+    username = entry["username"]
+    if not isinstance(username, str):
+        errors.append(f"error: username must be a string, {where}.username ="
+                      f" {json.dumps(username)}, write it in quotes")
+        return None
+    if not username:
+        errors.append(f'error: empty username, {where}.username = "", give the'
+                      " Moodle username")
+        return None
+    if username in seen:
+        errors.append(f"error: duplicate username, {where}.username ="
+                      f" {json.dumps(username)}, list each user once")
+        return None
+    seen.add(username)
+    return username
+
+
+def check_password(
+    entry: dict[str, Any], where: str, errors: list[str]
+) -> str | None:
+    """Return the user's valid password, else None. Messages never show it.
+
+    An empty password is rejected here because Moodle's login form rejects it,
+    which would only show up as a failed login after the start.
+    """
+    if "password" not in entry:
+        errors.append(f"error: missing key, {where}.password, add the password as"
+                      " a string")
+        return None
+    password = entry["password"]
+    if not isinstance(password, str):
+        errors.append(f"error: password must be a string, {where}.password is a"
+                      f" JSON {json_type(password)}, write it in quotes")
+        return None
+    if not password:
+        errors.append(f"error: empty password, {where}.password, give the user's"
+                      " password, such as the one set_moodle_passwords.py set")
+        return None
+    return password
 
 
 def check_parameters(
@@ -627,6 +727,7 @@ def check_parameters(
             errors.append(f'error: parameter is not an object, {where}, write'
                           ' {"min": 1, "max": 10}')
             continue
+        check_keys(spec, PARAMETER_KEYS, where, errors)
         bounds = []
         for key in ("min", "max"):
             bound = spec.get(key)
@@ -677,7 +778,12 @@ def check_urls(
             errors.append(f'error: url is not an object, {where}, write it as'
                           ' {"path": "/my/", "weight": 1}')
             continue
-        path, weight = entry.get("path"), entry.get("weight", 1)
+        check_keys(entry, URL_KEYS, where, errors)
+        if "path" not in entry:
+            errors.append(f'error: missing key, {where}.path, add a path relative'
+                          ' to base_url such as "/my/"')
+            continue
+        path, weight = entry["path"], entry.get("weight", 1)
         if not isinstance(path, str) or not path.startswith("/"):
             errors.append(f"error: path must start with /, {where}.path ="
                           f" {json.dumps(path)}, write it relative to base_url"
@@ -712,6 +818,7 @@ def parse_config(data: Any) -> LoadConfig:
             ' {"base_url": ..., "users": [...], "urls": [...]}'
         ])
     errors: list[str] = []
+    check_keys(data, CONFIG_KEYS, None, errors)
     base_url = check_base_url(data, errors)
     login_path = check_login_path(data, errors)
     users = check_users(data, errors)
@@ -825,9 +932,12 @@ class User:
     def copy_cookies(self, site_url: URL) -> None:
         """Build the Cookie header of load requests from the jar.
 
-        NOTE: it contains the cookies that the jar sends to the site's root,
-        which is where Moodle sets its cookies. A cookie set for a deeper path
-        only is not sent during the load.
+        It contains the cookies that the jar sends to base_url + "/". Moodle's
+        session manager sets its cookies for that path, because an unset
+        $CFG->sessioncookiepath becomes the path of wwwroot plus "/", so a site
+        in a subfolder such as /moodle works.
+        NOTE: a cookie set only for a deeper path, such as /moodle/course/, is
+        not sent during the load.
         """
         cookies = self.http.cookie_jar.filter_cookies(site_url)
         text = "; ".join(f"{name}={morsel.coded_value}"
@@ -863,6 +973,9 @@ class Site:
             raise LoginFailed(
                 "timeout", f"timed out after {self.login_timeout_s:g} s"
             ) from None
+        except aiohttp.ClientConnectorError as err:
+            raise LoginFailed("connection_error",
+                              connect_error_text(err, self.base_url)) from None
         except aiohttp.ClientError as err:
             raise LoginFailed("connection_error", f"connection error: {err}") from None
 
@@ -940,13 +1053,58 @@ class Site:
                 )
 
 
+def connect_error_text(err: aiohttp.ClientConnectorError, base_url: str) -> str:
+    """Describe a failed connection in place of aiohttp's text.
+
+    aiohttp's text names "ssl:default" even for plain http, which reads like a
+    TLS problem when nothing listens at the address.
+    """
+    if isinstance(err, aiohttp.ClientSSLError):
+        return (f"connection error: {err}; check the scheme of base_url, or use"
+                " --insecure for a self-signed certificate")
+    os_error = err.os_error
+    if os_error.errno is not None and os_error.errno > 0:
+        reason = os.strerror(os_error.errno)
+    else:
+        reason = os_error.strerror or str(os_error)
+    return (f"connection error: cannot connect to {err.host}:{err.port} ({reason});"
+            f" check that the site is running at {base_url}")
+
+
+class LoginErrorLog:
+    """Log failed logins, each distinct message up to LOGIN_ERRORS_PER_MESSAGE times.
+
+    Further repeats are counted, and log_repeats() logs one line for them.
+    """
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def report(self, user: User, err: LoginFailed) -> None:
+        message = str(err)
+        self.counts[message] += 1
+        if self.counts[message] <= LOGIN_ERRORS_PER_MESSAGE:
+            log.error("Login failed for %s: %s", user.name, message)
+
+    def log_repeats(self) -> None:
+        """Log one line per message that was logged only in part."""
+        for message, count in self.counts.items():
+            if count > LOGIN_ERRORS_PER_MESSAGE:
+                repeats = count - LOGIN_ERRORS_PER_MESSAGE
+                log.error("Login failed for %s with the same error, %d in all: %s",
+                          plural(repeats, "more user", "more users"), count,
+                          message)
+        self.counts.clear()
+
+
 async def login_users(
     site: Site, users: list[User], concurrency: int
 ) -> tuple[list[User], collections.Counter[str]]:
     """Log users in, at most `concurrency` at a time; return those logged in."""
-    log.info("Logging in %d users...", len(users))
+    log.info("Logging in %s...", plural(len(users), "user"))
     limit = asyncio.Semaphore(concurrency)
     failures: collections.Counter[str] = collections.Counter()
+    errors = LoginErrorLog()
 
     async def login_one(user: User) -> bool:
         async with limit:
@@ -954,13 +1112,16 @@ async def login_users(
                 await site.login(user)
             except LoginFailed as err:
                 failures[err.reason] += 1
-                log.error("Login failed for %s: %s", user.name, err)
+                errors.report(user, err)
                 return False
             return True
 
-    results = await asyncio.gather(*(login_one(user) for user in users))
+    try:
+        results = await asyncio.gather(*(login_one(user) for user in users))
+    finally:
+        errors.log_repeats()
     logged_in = [user for user, ok in zip(users, results, strict=True) if ok]
-    log.info("%d of %d users logged in", len(logged_in), len(users))
+    log.info("%d of %s logged in", len(logged_in), plural(len(users), "user"))
     return logged_in, failures
 
 
@@ -1094,6 +1255,7 @@ class LoadRunner:
             self.csv.writerow(CSV_COLUMNS)
         self.behind_since_warning = 0
         self.last_behind_warning = -math.inf
+        self.relogin_errors = LoginErrorLog()
 
     def request_stop(self, signum: int) -> None:
         if self.state.signal is None:
@@ -1138,6 +1300,7 @@ class LoadRunner:
         stopper.cancel()
         await asyncio.gather(progress, stopper, return_exceptions=True)
         self.state.end_wall = time.time()
+        self.relogin_errors.log_repeats()
 
     def close(self) -> None:
         """Send no more requests; the requests in flight go on."""
@@ -1297,7 +1460,7 @@ class LoadRunner:
             await self.site.login(user)
         except LoginFailed as err:
             self.state.relogin_failures[err.reason] += 1
-            log.error("Login failed for %s: %s", user.name, err)
+            self.relogin_errors.report(user, err)
             self.pool.remove(user)
             return
         user.copy_cookies(self.site_url)
@@ -1369,9 +1532,10 @@ def redirect_warnings(templates: dict[str, Stats]) -> list[str]:
     for path, stats in templates.items():
         if stats.total and stats.redirects / stats.total > REDIRECT_WARNING_SHARE:
             target = stats.locations.most_common(1)[0][0]
+            verb = "was a redirect" if stats.total == 1 else "were redirects"
             warnings.append(
-                f"{stats.redirects} of {stats.total} responses to {path} were"
-                f" redirects, most to {target}: that page is not being measured;"
+                f"{stats.redirects} of {plural(stats.total, 'response')} to {path}"
+                f" {verb}, most to {target}: that page is not being measured;"
                 " check that the users may see it (for /enrol/index.php, enrol them)"
             )
     return warnings
@@ -1427,16 +1591,79 @@ def build_summary(
     return summary
 
 
-def write_stdout(text: str) -> None:
-    """Print the summary; a closed stdout pipe is logged, not a crash."""
+def rate_shortfall_warning(
+    sent: int, due: int, rpm: int, concurrency: int, service_ms: float | None
+) -> str:
+    """Explain why fewer requests were sent than were due, and what to change.
+
+    By Little's law the rate needs rpm / 60 * service time requests in flight.
+    When that exceeds the concurrency, the concurrency was the limit. Otherwise
+    the process could not send faster, most likely because of its CPU. This is
+    an estimate: a saturated CPU also lengthens the measured service time, so
+    the concurrency message names the CPU fixes too.
+    """
+    share = 100 * sent / due if due else 0.0
+    head = (f"Sent {sent} of {plural(due, 'request')} due ({share:.0f} %), so the"
+            f" target of {rpm} per minute was not reached")
+    if service_ms is None:
+        return (f"{head}: no response arrived, so the requests in flight held"
+                " every unit of concurrency; check the site at base_url, or raise"
+                " --concurrency")
+    needed = rpm / 60 * service_ms / 1000
+    if needed > concurrency:
+        return (f"{head}: at a mean service time of {service_ms:.1f} ms the rate"
+                f" needs about {math.ceil(needed)} requests in flight, and the"
+                f" concurrency was {concurrency}; raise --concurrency (and give the"
+                " config more users if they cap it), lower --rpm, or run several"
+                " processes with a share of the rate each")
+    return (f"{head}: a concurrency of {concurrency} was enough at a mean service"
+            f" time of {service_ms:.1f} ms, so this process could not send faster,"
+            " most likely because it used a full CPU core; lower --rpm, or run"
+            " several processes with a share of the rate each")
+
+
+def log_end_warnings(summary: dict[str, Any], runner: LoadRunner | None) -> None:
+    """Log what the summary shows went wrong: redirects, rate, missing footer."""
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
+    if runner is None:
+        return
+    stats = runner.stats
+    due = summary["requests_due"]
+    if due and not summary["target_rpm_reached"] and not runner.state.users_lost:
+        log.warning("%s", rate_shortfall_warning(
+            summary["requests_sent"], due, summary["target_rpm"],
+            runner.concurrency, stats.service.mean(),
+        ))
+    pages = stats.server.pages_without_footer
+    if pages and not summary["perf_footer_found"]:
+        log.info("%s with a 2xx status carried no Moodle performance footer, so"
+                 " there are no server figures; turn it on with perfdebug and"
+                 " MDL_PERFTOFOOT", plural(pages, "page"))
+
+
+def write_stdout(text: str, output: Path | None) -> bool:
+    """Print the summary, or log one error line and return False when that fails.
+
+    After a failed write, stdout is pointed at /dev/null, because Python flushes
+    stdout again at exit and would raise the same error there.
+    """
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except BrokenPipeError:
-        # Python would fail again when it flushes stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        log.warning("stdout is closed: the summary was not printed there")
+    except OSError as err:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass  # a stdout without a file descriptor, as in tests
+        where = (f"it is in --output {output}" if output is not None
+                 else "run again with --output PATH to keep it in a file")
+        log.error("Failed to write the summary to stdout (%s); %s",
+                  err.strerror or err, where)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1444,19 +1671,130 @@ def write_stdout(text: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def open_outputs(args: argparse.Namespace) -> IO[str] | None:
-    """Check --output and open --requests-log before any network traffic."""
-    if args.output is not None and not args.output.parent.is_dir():
-        raise ConfigError([f"error: folder does not exist, --output {args.output},"
-                           " create the folder or choose another path"])
-    if args.requests_log is None:
-        return None
+def same_file(first: Path, second: Path) -> bool:
+    """Tell whether two paths name one regular file, existing or not yet.
+
+    Devices such as /dev/null may be given twice, since writing to them twice
+    loses nothing.
+    """
     try:
-        return args.requests_log.open("w", newline="", encoding="utf-8")
+        if not os.path.samefile(first, second):
+            return False
+        return stat.S_ISREG(os.stat(first).st_mode)
+    except OSError:
+        return first.resolve() == second.resolve()
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Reject output paths that would overwrite the config or each other."""
+    errors = []
+    for option, path in (("--output", args.output),
+                         ("--requests-log", args.requests_log)):
+        if path is not None and same_file(path, args.config):
+            errors.append(f"error: {option} is the config file, {option} {path},"
+                          f" choose another path for {option}")
+    if (args.output is not None and args.requests_log is not None
+            and same_file(args.output, args.requests_log)):
+        errors.append(f"error: --output and --requests-log are the same file,"
+                      f" --output {args.output}, choose two different paths")
+    if errors:
+        raise ConfigError(errors)
+
+
+@dataclass
+class Outputs:
+    """The output files, opened before any network traffic.
+
+    The --output file is opened without truncating it, so that a run that ends
+    without a summary leaves an earlier summary there intact.
+    """
+
+    summary_path: Path | None = None
+    summary: IO[str] | None = None
+    summary_created: bool = False  # the run created the --output file
+    requests_log_path: Path | None = None
+    requests_log: IO[str] | None = None
+
+    def write_summary(self, text: str) -> bool:
+        """Replace the --output file's content, or log the error and return False."""
+        if self.summary is None:
+            return True
+        file, self.summary = self.summary, None
+        try:
+            regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+            if regular:
+                file.seek(0)
+            file.write(text)
+            if regular:
+                file.truncate()  # flushes, then drops the rest of a longer old file
+            file.flush()
+        except OSError as err:
+            log.error("Failed to write --output %s (%s); the summary is on stdout"
+                      " only", self.summary_path, err.strerror or err)
+            self._close(file, remove=self.summary_created)
+            return False
+        self._close(file, remove=False)
+        return True
+
+    def close_requests_log(self) -> bool:
+        """Close --requests-log, or log the error and return False."""
+        if self.requests_log is None:
+            return True
+        file, self.requests_log = self.requests_log, None
+        try:
+            file.close()
+        except OSError as err:
+            log.error("Failed to write --requests-log %s (%s); its last rows are"
+                      " missing", self.requests_log_path, err.strerror or err)
+            return False
+        return True
+
+    def discard(self) -> None:
+        """Close the files, and delete the --output file if this run created it.
+
+        main() calls this when the run ended without a summary.
+        """
+        if self.summary is not None:
+            self._close(self.summary, remove=self.summary_created)
+            self.summary = None
+        self.close_requests_log()
+
+    def _close(self, file: IO[str], remove: bool) -> None:
+        with contextlib.suppress(OSError):
+            file.close()
+        if remove and self.summary_path is not None:
+            with contextlib.suppress(OSError):
+                self.summary_path.unlink()
+
+
+def open_outputs(args: argparse.Namespace) -> Outputs:
+    """Open --output and --requests-log, so that a bad path fails before the load."""
+    outputs = Outputs(summary_path=args.output, requests_log_path=args.requests_log)
+    if args.output is not None:
+        if not args.output.parent.is_dir():
+            raise ConfigError([f"error: folder does not exist, --output"
+                               f" {args.output}, create the folder or choose"
+                               " another path"])
+        existed = os.path.lexists(args.output)
+        try:
+            descriptor = os.open(args.output, os.O_WRONLY | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise ConfigError([f"error: cannot write the summary file"
+                               f" ({err.strerror}), --output {args.output}, choose"
+                               " a writable file path"]) from None
+        outputs.summary = os.fdopen(descriptor, "w", encoding="utf-8")
+        outputs.summary_created = not existed
+    if args.requests_log is None:
+        return outputs
+    try:
+        outputs.requests_log = args.requests_log.open("w", newline="",
+                                                      encoding="utf-8")
     except OSError as err:
+        outputs.discard()
         raise ConfigError([f"error: cannot write the requests log ({err.strerror}),"
                            f" --requests-log {args.requests_log}, choose a writable"
                            " path"]) from None
+    return outputs
 
 
 def make_users(
@@ -1476,10 +1814,51 @@ def make_users(
     return users
 
 
+class SignalGuard:
+    """Keep repeated SIGINT and SIGTERM from cutting the end of a run short.
+
+    During the login and the load, run() handles the stop signals on the event
+    loop. When it stops the load, hold() makes the process ignore them, so that
+    a second Ctrl-C (the terminal signals the process group and a wrapper
+    forwards one more) cannot raise KeyboardInterrupt or end the process before
+    the summary is written. release() restores the handlers found at
+    construction.
+    """
+
+    def __init__(self) -> None:
+        self.previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def hold(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Replace the loop's stop-signal handlers with SIG_IGN.
+
+        SIG_IGN, unlike a Python handler that does nothing, does not interrupt
+        a blocked write to stdout: CPython 3.11 then drops the rest of the
+        summary without an error.
+        """
+        # Blocked, a signal waits for SIG_IGN, which discards it, instead of
+        # meeting the default handler that remove_signal_handler() installs.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, signal.SIG_IGN)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def release(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 async def run(
-    config: LoadConfig, options: LoadOptions, requests_log: IO[str] | None = None
+    config: LoadConfig, options: LoadOptions, requests_log: IO[str] | None = None,
+    guard: SignalGuard | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Log in, run the load and return (summary, exit code)."""
+    """Log in, run the load and return (summary, exit code).
+
+    With a guard, SIGINT and SIGTERM stay ignored after the load until the
+    caller releases the guard. Without one, run() removes their handlers.
+    """
     loop = asyncio.get_running_loop()
     stop_signal: list[int] = []
     runner: LoadRunner | None = None
@@ -1492,7 +1871,7 @@ async def run(
             stop_signal.append(signum)
             main_task.cancel()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     started = time.time()
     site = Site(config, options.login_timeout_s)
@@ -1522,8 +1901,11 @@ async def run(
         log.warning("Received %s during the login: stopping",
                     signal.Signals(stop_signal[0]).name)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        if guard is not None:
+            guard.hold(loop)
+        else:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
         await asyncio.gather(load_http.close(),
                              *(user.http.close() for user in users))
         await connector.close()
@@ -1535,11 +1917,7 @@ async def run(
         times = (runner.state.start_wall, runner.state.end_wall)
     summary = build_summary(runner, options, len(users), len(logged_in), failures,
                             signum is not None, times)
-    for warning in summary["warnings"]:
-        log.warning("%s", warning)
-    if summary["total"] and not summary["perf_footer_found"]:
-        log.info("No response carried Moodle's performance footer, so there are no"
-                 " server figures; turn it on with perfdebug and MDL_PERFTOFOOT")
+    log_end_warnings(summary, runner)
     return summary, exit_code(signum, logged_in, runner)
 
 
@@ -1551,13 +1929,16 @@ def start_runner(
     runner = LoadRunner(site, RequestPlan(config, options.seed), pool, options,
                         requests_log, http)
     if len(users) < options.concurrency:
+        verb, pronoun = ("is", "it caps") if len(users) == 1 else ("are", "they cap")
         log.warning(
-            "Only %d users are logged in: they cap the concurrency at %d instead of"
-            " %d, because each user has one request in flight at a time",
-            len(users), len(users), options.concurrency,
+            "Only %s %s logged in: %s the concurrency at %d instead of %d, because"
+            " each user has one request in flight at a time",
+            plural(len(users), "user"), verb, pronoun, len(users),
+            options.concurrency,
         )
-    log.info("Load: %d requests per minute for %d s, concurrency %d, seed %d",
-             options.rpm, options.duration_s, runner.concurrency, options.seed)
+    log.info("Load: %s per minute for %d s, concurrency %d, seed %d",
+             plural(options.rpm, "request"), options.duration_s,
+             runner.concurrency, options.seed)
     return runner
 
 
@@ -1660,7 +2041,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         config = load_config(args.config)
-        requests_log = open_outputs(args)
+        check_output_paths(args)
+        outputs = open_outputs(args)
     except ConfigError as err:
         for line in err.lines:
             print(line, file=sys.stderr)
@@ -1669,25 +2051,26 @@ def main(argv: list[str] | None = None) -> int:
     options = LoadOptions(args.rpm, args.duration, args.concurrency, args.timeout,
                           args.progress, args.seed, args.login_timeout, args.insecure)
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
+    guard = SignalGuard()
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            summary, code = runner.run(run(config, options, requests_log))
-    except KeyboardInterrupt:
-        # Ctrl-C before the signal handlers were installed: nothing ran yet.
-        log.warning("Interrupted before the login started")
-        return EXIT_SIGINT
-    finally:
-        if requests_log is not None:
-            requests_log.close()
-
-    text = json.dumps(summary, indent=2) + "\n"
-    if args.output is not None:
         try:
-            args.output.write_text(text, encoding="utf-8")
-        except OSError as err:
-            log.error("Failed to write --output %s: %s; the summary is on stdout only",
-                      args.output, err.strerror)
-    write_stdout(text)
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                summary, code = runner.run(
+                    run(config, options, outputs.requests_log, guard)
+                )
+        except KeyboardInterrupt:
+            # Ctrl-C before the signal handlers were installed: nothing ran yet.
+            outputs.discard()
+            log.warning("Interrupted before the login started")
+            return EXIT_SIGINT
+        written = outputs.close_requests_log()
+        text = json.dumps(summary, indent=2) + "\n"
+        written = outputs.write_summary(text) and written
+        written = write_stdout(text, args.output) and written
+    finally:
+        guard.release()
+    if not written and code == EXIT_OK:
+        return EXIT_OUTPUT_FAILED
     return code
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import csv
 import io
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -225,14 +227,31 @@ CONFIG_ERRORS = [
     (without("users"), 'error: missing key, "users"'),
     (setting(("users",), []), "users must be a non-empty list"),
     (setting(("users", 0), "admin"), "error: user is not an object, users[0]"),
-    (setting(("users", 0), {"password": "x"}), "missing or empty username, users[0]"),
+    (setting(("users", 0), {"password": "x"}), "missing key, users[0].username"),
+    (setting(("users", 0), {"username": 1, "password": "x"}),
+     "username must be a string, users[0].username = 1, write it in quotes"),
+    (setting(("users", 0), {"username": "", "password": "x"}),
+     'empty username, users[0].username = ""'),
+    (setting(("users", 0), {"username": "a", "password": ""}),
+     "empty password, users[0].password"),
+    (setting(("users", 0), {"username": "a", "password": 1234}),
+     "password must be a string, users[0].password is a JSON number"),
+    (setting(("users", 0), {"username": "a", "pasword": "x"}),
+     'unknown key, users[0].pasword, rename it to "password"'),
     (setting(("users", 1), {"username": "tool_generator_000001", "password": "x"}),
      "duplicate username, users[1].username"),
-    (setting(("users", 0), {"username": "a"}), "missing password, users[0].password"),
+    (setting(("users", 0), {"username": "a"}), "missing key, users[0].password"),
+    (setting(("login_pth",), "/login/index.php"),
+     'unknown key, "login_pth", rename it to "login_path"'),
+    (setting(("comment",), "staging site"),
+     'unknown key, "comment", remove it (known keys: base_url, login_path, users,'
+     " parameters, urls)"),
     (setting(("parameters",), []), "parameters must be an object"),
     (setting(("parameters", "courseid"), 5), "parameter is not an object"),
     (setting(("parameters", "courseid"), {"max": 5}),
      "missing key, parameters.courseid.min"),
+    (setting(("parameters", "courseid"), {"min": 1, "max": 5, "mx": 6}),
+     'unknown key, parameters.courseid.mx, rename it to "max"'),
     (setting(("parameters", "courseid", "min"), "10"),
      'not an integer, parameters.courseid.min = "10"'),
     (setting(("parameters", "courseid", "max"), 12.5),
@@ -245,7 +264,10 @@ CONFIG_ERRORS = [
     (setting(("urls",), []), "urls must be a non-empty list"),
     (setting(("urls", 0), "/my/"), "url is not an object, urls[0]"),
     (setting(("urls", 0), {"path": "my/"}), "path must start with /, urls[0].path"),
-    (setting(("urls", 0), {"weight": 1}), "path must start with /, urls[0].path"),
+    (setting(("urls", 0), {"weight": 1}), "missing key, urls[0].path"),
+    (setting(("urls", 0), {"path": None}), "path must start with /, urls[0].path"),
+    (setting(("urls", 0), {"path": "/my/", "wieght": 2}),
+     'unknown key, urls[0].wieght, rename it to "weight"'),
     (setting(("urls", 0), {"path": "/my/", "weight": 0}), "weight must be a number"),
     (setting(("urls", 0), {"path": "/my/", "weight": "2"}), "weight must be a number"),
     (setting(("urls", 0), {"path": "/x?id={cmid}"}),
@@ -265,6 +287,15 @@ def test_config_error_names_key(change: Any, expected: str) -> None:
     assert any(expected in line for line in lines), lines
     assert all(line.startswith("error: ") for line in lines)
     assert all("\n" not in line for line in lines)
+
+
+def test_config_password_never_shown() -> None:
+    data = config_dict("http://127.0.0.1:8080")
+    data["users"][0]["password"] = 98765
+    with pytest.raises(moodle_load.ConfigError) as caught:
+        moodle_load.parse_config(data)
+    assert len(caught.value.lines) == 1
+    assert "98765" not in caught.value.lines[0]
 
 
 def test_config_lists_every_problem() -> None:
@@ -342,6 +373,107 @@ def test_main_bad_argument_exit_2(
         moodle_load.main(["--config", str(tmp_path / "c.json"), *argv])
     assert caught.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def unreachable_config(tmp_path: Path) -> Path:
+    """Write a config for a loopback port where nothing listens."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config_dict(f"http://127.0.0.1:{free_port()}")))
+    return path
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "{tmp}",  # a folder
+        "{tmp}/config.json/summary.json",  # its parent is a regular file
+        "/proc/summary.json",  # procfs creates no files, even for root
+    ],
+)
+def test_main_unwritable_output_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], output: str
+) -> None:
+    config = unreachable_config(tmp_path)
+    path = output.format(tmp=tmp_path)
+    code = moodle_load.main(["--config", str(config), "--rpm", "60", "--duration",
+                             "1", "--output", path])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ")
+    assert f"--output {path}," in lines[0]
+    assert "Login" not in err
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--output", "{config}"], "error: --output is the config file"),
+        (["--output", "{tmp}/./config.json"], "error: --output is the config file"),
+        (["--requests-log", "{config}"], "error: --requests-log is the config file"),
+        (["--output", "{tmp}/x", "--requests-log", "{tmp}/x"],
+         "error: --output and --requests-log are the same file"),
+    ],
+)
+def test_main_output_overwrites_input_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str],
+    expected: str,
+) -> None:
+    config = unreachable_config(tmp_path)
+    before = config.read_text()
+    paths = [option.format(config=config, tmp=tmp_path) for option in options]
+    code = moodle_load.main(["--config", str(config), "--rpm", "60", "--duration",
+                             "1", *paths])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(expected), err
+    assert len(err.splitlines()) == 1
+    assert config.read_text() == before
+    assert not (tmp_path / "x").exists()
+
+
+def test_main_devices_may_repeat(tmp_path: Path) -> None:
+    config = unreachable_config(tmp_path)
+    args = moodle_load.build_parser().parse_args(
+        ["--config", str(config), "--rpm", "60", "--duration", "1",
+         "--output", os.devnull, "--requests-log", os.devnull]
+    )
+    moodle_load.check_output_paths(args)
+
+
+def output_args(tmp_path: Path, output: Path) -> argparse.Namespace:
+    return moodle_load.build_parser().parse_args(
+        ["--config", str(unreachable_config(tmp_path)), "--rpm", "60",
+         "--duration", "1", "--output", str(output)]
+    )
+
+
+def test_output_replaced_only_at_end(tmp_path: Path) -> None:
+    output = tmp_path / "summary.json"
+    output.write_text("an earlier summary, longer than the new one\n")
+    outputs = moodle_load.open_outputs(output_args(tmp_path, output))
+    assert output.read_text() == "an earlier summary, longer than the new one\n"
+    assert outputs.summary_created is False
+    assert outputs.write_summary("{}\n") is True
+    assert output.read_text() == "{}\n"
+
+
+def test_output_created_is_removed_without_summary(tmp_path: Path) -> None:
+    output = tmp_path / "summary.json"
+    outputs = moodle_load.open_outputs(output_args(tmp_path, output))
+    assert output.exists()
+    outputs.discard()
+    assert not output.exists()
+
+
+def test_output_kept_without_summary(tmp_path: Path) -> None:
+    output = tmp_path / "summary.json"
+    output.write_text("an earlier summary\n")
+    outputs = moodle_load.open_outputs(output_args(tmp_path, output))
+    outputs.discard()
+    assert output.read_text() == "an earlier summary\n"
 
 
 # ---------------------------------------------------------------------------
@@ -520,6 +652,50 @@ async def test_run_nobody_logged_in(
     assert rows == []
     assert sum(moodle_site.requests[p] for p in ("/my/", "/course/view.php")) == 0
     assert "Login failed for tool_generator_000001: invalid login" in caplog.text
+
+
+async def test_run_unreachable_site_summarises_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base_url = f"http://127.0.0.1:{free_port()}"
+    config = config_dict(base_url, users=generated_users(10))
+    summary, code, _rows = await run_load(config)
+    assert code == 3
+    assert summary["login_failures"] == {"connection_error": 10}
+    lines = [record.getMessage() for record in caplog.records
+             if record.getMessage().startswith("Login failed for")]
+    assert len(lines) == 4
+    assert lines[0].startswith("Login failed for tool_generator_0000")
+    assert lines[0].endswith(f"check that the site is running at {base_url}")
+    assert "cannot connect to 127.0.0.1:" in lines[0]
+    assert "(Connection refused)" in lines[0]
+    assert lines[3].startswith(
+        "Login failed for 7 more users with the same error, 10 in all: connection"
+        " error: cannot connect to"
+    )
+    assert "ssl:default" not in caplog.text
+
+
+async def test_run_one_user_singular(
+    moodle_site: MoodleSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="moodle_load")
+    config = config_dict(moodle_site.base_url, users=generated_users(1),
+                         urls=[{"path": "/course/view.php?id=2"}])
+    summary, code, _rows = await run_load(config, rpm=1, duration_s=1)
+    assert code == 0
+    assert summary["total"] == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert "Logging in 1 user..." in messages
+    assert "1 of 1 user logged in" in messages
+    assert any(message.startswith("Only 1 user is logged in: it caps the"
+                                  " concurrency at 1 instead of 5")
+               for message in messages)
+    assert any(message.startswith("Load: 1 request per minute for 1 s")
+               for message in messages)
+    assert any(message.startswith("1 of 1 response to /course/view.php?id=2 was a"
+                                  " redirect, most to /enrol/index.php")
+               for message in messages)
 
 
 # A plain aiohttp site for behaviours the Moodle-like site does not have.
@@ -760,6 +936,133 @@ async def test_run_cookie_set_during_load(aiohttp_plain_site: str) -> None:
     assert SEEN_SESSION_COOKIES == ["second", "rotated1", "rotated2", "rotated3"]
 
 
+async def test_run_no_footer_hint_on_failures(
+    moodle_site: MoodleSite, aiohttp_plain_site: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="moodle_load")
+    not_found = config_dict(moodle_site.base_url,
+                            urls=[{"path": "/course/view.php?id=999999"}])
+    summary, _code, _rows = await run_load(not_found, rpm=600, duration_s=1)
+    assert summary["status_counts"] == {"404": 10}
+    hang = config_dict(aiohttp_plain_site, login_path="/notoken",
+                       users=[{"username": "u", "password": "p"}],
+                       urls=[{"path": "/hang"}])
+    summary, _code, _rows = await run_load(hang, rpm=120, duration_s=1,
+                                           timeout_s=0.5)
+    assert summary["failures_by_kind"]["timeout"] == 2
+    assert "performance footer" not in caplog.text
+
+
+async def test_run_rate_not_reached_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    site = MoodleSite(page_delay_s=0.05)
+    await site.start()
+    try:
+        config = config_dict(site.base_url, urls=[{"path": "/my/"}])
+        summary, code, _rows = await run_load(config, rpm=3000, duration_s=1,
+                                              concurrency=1)
+    finally:
+        await site.close()
+    assert code == 0
+    assert summary["target_rpm_reached"] is False
+    sent = summary["requests_sent"]
+    warnings = [record.getMessage() for record in caplog.records
+                if record.getMessage().startswith("Sent ")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"Sent {sent} of 50 requests due ({sent * 2} %), so the target of 3000 per"
+        " minute was not reached: at a mean service time of"
+    )
+    assert "the concurrency was 1; raise --concurrency" in warnings[0]
+
+
+def test_rate_shortfall_cpu_bound() -> None:
+    text = moodle_load.rate_shortfall_warning(12_000, 100_000, 600_000, 20, 0.8)
+    assert text.startswith("Sent 12000 of 100000 requests due (12 %), so the target"
+                           " of 600000 per minute was not reached: a concurrency of"
+                           " 20 was enough at a mean service time of 0.8 ms")
+    assert "most likely because it used a full CPU core" in text
+    assert text.endswith("lower --rpm, or run several processes with a share of"
+                         " the rate each")
+
+
+def test_rate_shortfall_concurrency_bound() -> None:
+    text = moodle_load.rate_shortfall_warning(500, 1000, 6000, 4, 100.0)
+    assert "needs about 10 requests in flight, and the concurrency was 4" in text
+    assert "raise --concurrency" in text
+
+
+def test_rate_shortfall_without_responses() -> None:
+    text = moodle_load.rate_shortfall_warning(1, 1000, 6000, 1, None)
+    assert "no response arrived" in text
+
+
+@pytest.fixture
+async def subfolder_site() -> AsyncIterator[tuple[str, list[str]]]:
+    """A site at /moodle whose cookies have path /moodle/, as Moodle sets them.
+
+    Moodle's session manager sets $CFG->sessioncookiepath to the path of
+    wwwroot plus "/" when config.php does not set it. The second item of the
+    fixture lists the MoodleSession cookies that /moodle/my/ received.
+    """
+    seen: list[str] = []
+
+    def with_cookie(response: web.Response, value: str) -> web.Response:
+        response.set_cookie("MoodleSession", value, path="/moodle/")
+        return response
+
+    async def login_form(request: web.Request) -> web.Response:
+        page = ('<form id="login" action="/moodle/login/index.php" method="post">'
+                '<input name="logintoken" value="T"></form>')
+        if "testsession" in request.query:
+            return web.Response(status=303, headers={"Location": "/moodle/my/"})
+        return with_cookie(web.Response(text=page, content_type="text/html"),
+                           "guest")
+
+    async def login_post(request: web.Request) -> web.Response:
+        form = await request.post()
+        if request.cookies.get("MoodleSession") != "guest" or form["password"] != "p":
+            return web.Response(status=303,
+                                headers={"Location": "/moodle/login/index.php"})
+        location = "/moodle/login/index.php?testsession=2"
+        return with_cookie(web.Response(status=303, headers={"Location": location}),
+                           "user")
+
+    async def dashboard(request: web.Request) -> web.Response:
+        seen.append(request.cookies.get("MoodleSession", ""))
+        if request.cookies.get("MoodleSession") != "user":
+            return web.Response(status=303,
+                                headers={"Location": "/moodle/login/index.php"})
+        return web.Response(text="dashboard")
+
+    app = web.Application()
+    app.router.add_get("/moodle/login/index.php", login_form)
+    app.router.add_post("/moodle/login/index.php", login_post)
+    app.router.add_get("/moodle/my/", dashboard)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/moodle", seen
+    await runner.cleanup()
+
+
+async def test_run_site_in_subfolder(
+    subfolder_site: tuple[str, list[str]],
+) -> None:
+    base_url, seen = subfolder_site
+    config = config_dict(base_url, users=[{"username": "u", "password": "p"}],
+                         urls=[{"path": "/my/"}])
+    summary, code, _rows = await run_load(config, rpm=240, duration_s=1)
+    assert code == 0
+    assert summary["users_logged_in"] == 1
+    assert summary["status_counts"] == {"200": 4}
+    assert seen == ["user"] * 4
+
+
 async def test_run_requests_start_on_time(moodle_site: MoodleSite) -> None:
     summary, code, rows = await run_load(
         config_dict(moodle_site.base_url, urls=[{"path": "/my/"}]),
@@ -837,9 +1140,46 @@ async def test_script_closed_stdout(moodle_site: MoodleSite, tmp_path: Path) -> 
     )
     write_end.close()
     _out, err = await process.communicate()
-    assert process.returncode == 0
+    assert process.returncode == 1
     assert b"Traceback" not in err
-    assert b"stdout is closed" in err
+    assert b"Failed to write the summary to stdout (Broken pipe); run again with" in err
+
+
+async def test_script_full_stdout(moodle_site: MoodleSite, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(config_dict(moodle_site.base_url)))
+    output = tmp_path / "summary.json"
+    with open("/dev/full", "w") as full:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(SCRIPT), "--config", str(config), "--rpm", "600",
+            "--duration", "1", "--output", str(output), stdout=full,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _out, err = await process.communicate()
+    assert process.returncode == 1
+    assert b"Traceback" not in err
+    assert b"Exception ignored" not in err
+    errors = [line for line in err.decode().splitlines() if "[ERROR]" in line]
+    assert errors == [
+        "[ERROR] Failed to write the summary to stdout (No space left on device);"
+        f" it is in --output {output}"
+    ]
+    assert json.loads(output.read_text())["total"] == 10
+
+
+async def test_script_output_fails_at_end(
+    moodle_site: MoodleSite, tmp_path: Path
+) -> None:
+    # procfs lets root open /proc/version for writing, and the write then fails.
+    process = await start_script(
+        tmp_path, moodle_site.base_url, "--rpm", "600", "--duration", "1",
+        "--output", "/proc/version",
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 1
+    assert json.loads(out)["total"] == 10
+    assert b"[ERROR] Failed to write --output /proc/version (" in err
+    assert b"Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -866,6 +1206,49 @@ async def test_script_signal_prints_summary(
     assert summary["requests_not_sent"] <= 2
     assert summary["requests_sent"] == summary["total"] + summary["requests_cancelled"]
     assert signal.Signals(signum).name.encode() in err
+
+
+async def test_script_second_sigint_keeps_summary(
+    moodle_site: MoodleSite, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.json"
+    # A thousand templates make the summary larger than the pipe and the reader's
+    # buffer, so the script is still writing it when the second SIGINT arrives.
+    urls = [{"path": f"/my/?n={number}"} for number in range(1000)]
+    config.write_text(json.dumps(config_dict(moodle_site.base_url, urls=urls)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), "--config", str(config), "--rpm", "600",
+        "--duration", "60", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    await wait_for_stderr_line(process, b"[INFO] Load:")
+    process.send_signal(signal.SIGINT)
+    first = await asyncio.wait_for(process.stdout.read(1), 10)
+    process.send_signal(signal.SIGINT)
+    rest, err = await asyncio.wait_for(process.communicate(), 10)
+    assert len(first + rest) > 300_000
+    assert process.returncode == 130
+    assert json.loads(first + rest)["interrupted"] is True
+    assert b"Traceback" not in err
+    assert b"Interrupted before" not in err
+    assert err.count(b"Received SIGINT") == 1
+
+
+async def test_run_guard_ignores_signal_after_load(moodle_site: MoodleSite) -> None:
+    guard = moodle_load.SignalGuard()
+    parsed = moodle_load.parse_config(config_dict(moodle_site.base_url))
+    try:
+        summary, code = await moodle_load.run(parsed, load_options(), None, guard)
+        handlers = [signal.getsignal(signum) for signum in moodle_load.STOP_SIGNALS]
+        # Without the guard this raises KeyboardInterrupt in the test.
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0)
+    finally:
+        guard.release()
+    assert handlers == [signal.SIG_IGN, signal.SIG_IGN]
+    assert code == 0
+    assert summary["interrupted"] is False
 
 
 async def test_script_signal_during_login(
@@ -1164,4 +1547,8 @@ async def test_run_without_footer(
     assert summary["server"] == {"responses_with_footer": 0,
                                  "responses_without_footer": summary["total"]}
     assert caplog.text.count("performance footer") == 1
+    pages = summary["status_counts"]["200"]
+    assert f"{pages} pages with a 2xx status carried no Moodle performance" in (
+        caplog.text
+    )
     assert all(row["server_db_reads"] == "" for row in rows)
