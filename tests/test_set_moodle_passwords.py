@@ -253,6 +253,31 @@ def wait_until_blocked_on_lock(
 # ---------------------------------------------------------------- runs that change
 
 
+
+def test_build_config_one_user_per_line():
+    old = {"base_url": "http://127.0.0.1:8080", "users": [{"username": "x"}],
+           "urls": [{"path": "/my/"}], "note": "users-\u00e9 \"quoted\""}
+    users = [script.User(3, "tool_generator_000001"), script.User(4, 'ünï "q"')]
+
+    text = script.build_config(old, users, 'pa"ss\\wörd')
+
+    assert json.loads(text) == {
+        "base_url": "http://127.0.0.1:8080",
+        "users": [
+            {"username": "tool_generator_000001", "password": 'pa"ss\\wörd'},
+            {"username": 'ünï "q"', "password": 'pa"ss\\wörd'},
+        ],
+        "urls": [{"path": "/my/"}],
+        "note": 'users-é "quoted"',
+    }
+    lines = text.splitlines()
+    assert lines[2] == '  "users": ['
+    assert lines[3] == ('    {"username": "tool_generator_000001",'
+                        ' "password": "pa\\"ss\\\\wörd"},')
+    assert lines[4].startswith('    {"username": "ünï \\"q\\""')
+    assert lines[5] == "  ],"
+    assert text.endswith("\n")
+
 def test_run_changes_eligible_users_and_config(server, db, clean_env, tmp_path):
     config = tmp_path / "config.json"
     write_config(config, OLD_CONFIG)
