@@ -1406,9 +1406,19 @@ def test_footer_single_quotes_and_first_item() -> None:
     footer = (b"<div class='performanceinfo'><ul>"
               b"<li class='timeused col-sm-4'>0.5 secs</li>"
               b"<li class='timeused'>9 secs</li>"
-              b"<li class='dbqueries'>DB reads/writes: <b>12</b>/3</li></ul></div>")
+              b"<li class='dbqueries'>DB reads/writes: 12/3</li></ul></div>")
     figures = moodle_load.parse_perf_footer(page_with_footer(footer))
     assert figures == {"time_ms": 500.0, "db_reads": 12.0, "db_writes": 3.0}
+
+
+def test_footer_item_with_markup_skipped() -> None:
+    # Moodle prints each figure as plain text; markup inside an item is not its
+    # footer, so that item gives no figure rather than a guessed one.
+    footer = (b"<div class='performanceinfo'><ul>"
+              b"<li class='timeused'>0.5 secs</li>"
+              b"<li class='dbqueries'>DB reads/writes: <b>12</b>/3</li></ul></div>")
+    figures = moodle_load.parse_perf_footer(page_with_footer(footer))
+    assert figures == {"time_ms": 500.0}
 
 
 def test_footer_first_ram_item_only() -> None:
