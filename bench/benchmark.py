@@ -482,54 +482,10 @@ class Benchmark:
             dockerbench.import_busybox_image(engine, self.workdir / "image")
             names = dockerbench.start_containers(engine, self.plan.stats_containers)
             duration = self.plan.stats_duration
-            outdir = self.workdir / "stats"
-            capture_command = [
-                sys.executable,
-                str(script),
-                "--containers",
-                *names,
-                "--interval",
-                "1",
-                "--duration",
-                str(duration),
-                "--outdir",
-                str(outdir),
+            runs = [
+                self.stats_run(engine, names, script, repeat)
+                for repeat in range(self.plan.repeats)
             ]
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                capture = pool.submit(
-                    run_measured,
-                    capture_command,
-                    workdir=self.workdir,
-                    name="stats-capture",
-                    timeout=duration + 60,
-                    env=engine.env,
-                )
-                # docker stats streams until stopped. The 28.x CLI against a 20.10
-                # engine was seen to ignore SIGINT and SIGTERM, so SIGKILL ends it.
-                # Its output goes to a file, not /dev/null, so that the rows can be
-                # checked for figures: about one short write a second.
-                cli = pool.submit(
-                    run_measured,
-                    ["docker", "stats", *names],
-                    workdir=self.workdir,
-                    name="stats-cli",
-                    timeout=duration + 60,
-                    env=engine.env,
-                    stop_after=duration,
-                    stop_signal=signal.SIGKILL,
-                )
-                try:
-                    capture_run, cli_run = capture.result(), cli.result()
-                except BaseException:
-                    # Ctrl-C: end both clients now instead of waiting for them.
-                    kill_measured()
-                    raise
-            if capture_run.returncode != 0:
-                raise StepError(
-                    f"capture_docker_stats.py exited with code "
-                    f"{capture_run.returncode}: {tools.tail(capture_run.stderr)}"
-                )
-            capture_summary = tools.last_json_object(capture_run.stdout) or {}
             # The start-up part of the capture's CPU time: the same interpreter and
             # module imports, then --help prints and exits.
             startup = run_measured(
@@ -538,36 +494,102 @@ class Benchmark:
                 name="stats-capture-startup",
                 timeout=60,
             )
-            # A row with a CPU figure such as "0.00%" shows that the CLI got samples;
-            # "--" means it had none for that container yet.
-            cli_rows_with_figures = sum(
-                1
-                for line in cli_run.stdout.splitlines()
-                if CONTAINER_PREFIX_TEXT in line and "%" in line
-            )
+            capture_cpu = median([run["capture_cpu_s"] for run in runs])
+            cli_cpu = median([run["cli_cpu_s"] for run in runs])
+            ratio = median([run["ratio_to_cli"] for run in runs])
             return {
                 "containers": len(names),
                 "duration_s": duration,
                 "engine": engine.server_version,
                 "cli": engine.client_version,
-                "capture_cpu_s": capture_run.cpu_s,
-                "capture_wall_s": capture_run.wall_s,
+                "capture_cpu_s": capture_cpu,
+                "capture_wall_s": median([run["capture_wall_s"] for run in runs]),
                 "capture_startup_cpu_s": startup.cpu_s,
-                "cli_cpu_s": cli_run.cpu_s,
-                "cli_wall_s": cli_run.wall_s,
-                "ratio_to_cli": capture_run.cpu_s / cli_run.cpu_s
-                if cli_run.cpu_s
-                else None,
-                "capture_summary": capture_summary,
-                "cli_rows_with_figures": cli_rows_with_figures,
-                "capture_rows": sum(
-                    len(path.read_text().splitlines()) - 1
-                    for path in outdir.glob("*.csv")
-                ),
-                "met": capture_run.cpu_s <= cli_run.cpu_s,
+                "cli_cpu_s": cli_cpu,
+                "cli_wall_s": median([run["cli_wall_s"] for run in runs]),
+                "ratio_to_cli": ratio,
+                "cli_rows_with_figures": runs[0]["cli_rows_with_figures"],
+                "capture_rows": runs[0]["capture_rows"],
+                "runs": runs,
+                "met": ratio <= 1,
             }
         finally:
             dockerbench.stop_engine(self.processes, engine)
+
+    def stats_run(
+        self, engine: Any, names: list[str], script: Path, repeat: int
+    ) -> dict[str, Any]:
+        """Run the capture and the docker stats CLI side by side once."""
+        duration = self.plan.stats_duration
+        outdir = self.workdir / f"stats-{repeat}"
+        capture_command = [
+            sys.executable,
+            str(script),
+            "--containers",
+            *names,
+            "--interval",
+            "1",
+            "--duration",
+            str(duration),
+            "--outdir",
+            str(outdir),
+        ]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            capture = pool.submit(
+                run_measured,
+                capture_command,
+                workdir=self.workdir,
+                name=f"stats-capture-{repeat}",
+                timeout=duration + 60,
+                env=engine.env,
+            )
+            # docker stats streams until stopped. The 28.x CLI against a 20.10
+            # engine was seen to ignore SIGINT and SIGTERM, so SIGKILL ends it.
+            # Its output goes to a file, not /dev/null, so that the rows can be
+            # checked for figures: about one short write a second.
+            cli = pool.submit(
+                run_measured,
+                ["docker", "stats", *names],
+                workdir=self.workdir,
+                name=f"stats-cli-{repeat}",
+                timeout=duration + 60,
+                env=engine.env,
+                stop_after=duration,
+                stop_signal=signal.SIGKILL,
+            )
+            try:
+                capture_run, cli_run = capture.result(), cli.result()
+            except BaseException:
+                # Ctrl-C: end both clients now instead of waiting for them.
+                kill_measured()
+                raise
+        if capture_run.returncode != 0:
+            raise StepError(
+                f"capture_docker_stats.py exited with code "
+                f"{capture_run.returncode}: {tools.tail(capture_run.stderr)}"
+            )
+        if not cli_run.cpu_s:
+            raise StepError("docker stats used no CPU time: it did not run")
+        # A row with a CPU figure such as "0.00%" shows that the CLI got samples;
+        # "--" means it had none for that container yet.
+        cli_rows_with_figures = sum(
+            1
+            for line in cli_run.stdout.splitlines()
+            if CONTAINER_PREFIX_TEXT in line and "%" in line
+        )
+        return {
+            "capture_cpu_s": capture_run.cpu_s,
+            "capture_wall_s": capture_run.wall_s,
+            "cli_cpu_s": cli_run.cpu_s,
+            "cli_wall_s": cli_run.wall_s,
+            "ratio_to_cli": capture_run.cpu_s / cli_run.cpu_s,
+            "capture_summary": tools.last_json_object(capture_run.stdout) or {},
+            "cli_rows_with_figures": cli_rows_with_figures,
+            "capture_rows": sum(
+                len(path.read_text().splitlines()) - 1
+                for path in outdir.glob("*.csv")
+            ),
+        }
 
     def step_memory(self) -> dict[str, Any]:
         nginx = self.ensure_nginx()
