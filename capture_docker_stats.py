@@ -19,7 +19,8 @@ Exit codes:
     0   the duration ran out
     1   failure before sampling (engine unreachable, container not found or not
         running, output file not writable), and then no file is created; or a CSV
-        write failed during the run
+        write failed during the run; or the summary could not be written to stdout
+        (the CSV files are complete)
     2   invalid command line (argparse)
     130 stopped by SIGINT (Ctrl-C); files complete, summary printed
     143 stopped by SIGTERM; files complete, summary printed
@@ -352,7 +353,7 @@ def human_cells(values: Values) -> list[str]:
     else:
         mem_usage = f"{size_iec(used)} / {size_iec(limit)}"
         mem_perc = f"{used / limit * 100:.2f}%" if limit else "0.00%"
-    net_io = pair_cell(values.net_rx_bytes, values.net_tx_bytes)
+    net_io = network_cell(values.net_rx_bytes, values.net_tx_bytes)
     block_io = pair_cell(values.blk_read_bytes, values.blk_write_bytes)
     return [cpu, mem_usage, mem_perc, net_io, block_io]
 
@@ -361,6 +362,11 @@ def pair_cell(first: int | None, second: int | None) -> str:
     if first is None or second is None:
         return "--"
     return f"{size_decimal(first)} / {size_decimal(second)}"
+
+
+def network_cell(received: int | None, sent: int | None) -> str:
+    """Render NET I/O; without "networks" the CLI sums no interface and shows 0B."""
+    return pair_cell(received or 0, sent or 0)
 
 
 def cell(value: int | float | None) -> str:
@@ -859,7 +865,9 @@ def interval_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid interval: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid interval: {text!r}, give seconds such as 1 or 0.5"
+        ) from None
     if not math.isfinite(value) or value < MIN_INTERVAL_S:
         raise argparse.ArgumentTypeError(
             f"interval must be at least {MIN_INTERVAL_S} s, got {text}"
@@ -871,7 +879,10 @@ def duration_seconds(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid duration: {text!r}, give whole seconds such as 300, or 0 to run"
+            " until stopped"
+        ) from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"duration must be 0 or more, got {text}")
     return value
@@ -964,16 +975,29 @@ def create_recorders(
     return recorders
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any]) -> bool:
+    """Print the summary on stdout; return False when stdout cannot take it."""
     try:
         print(json.dumps(summary, indent=2), flush=True)
-    except BrokenPipeError:
-        # The reader went away, so stdout goes to /dev/null and the exit stays quiet.
+    except OSError as err:
+        # A closed pipe or a full disk: the CSV files are complete, so say so once.
+        # stdout then goes to /dev/null, so that the flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reason = err.strerror or type(err).__name__
+        LOG.error(
+            "cannot write the summary to stdout (%s); the CSV files are complete",
+            reason,
+        )
+        return False
+    return True
 
 
 def capture(args: argparse.Namespace) -> int:
     """Run the capture after the command line is valid; return the exit code."""
+    if args.outdir.exists() and not args.outdir.is_dir():
+        raise CaptureError(
+            f"--outdir is not a folder, {args.outdir}, choose a folder path"
+        )
     client = connect(len(args.containers))
     names = resolve_containers(client, args.containers)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -985,10 +1009,10 @@ def capture(args: argparse.Namespace) -> int:
         for stream in streams:
             stream.start()
         LOG.info(
-            "sampling %s every %s s for %s into %s",
+            "sampling %s every %s s %s into %s",
             ", ".join(names),
             args.interval,
-            f"{args.duration} s" if args.duration else "until stopped",
+            f"for {args.duration} s" if args.duration else "until stopped",
             args.outdir,
         )
         # The imported modules and the SDK's objects live until the exit. Frozen,
@@ -1002,7 +1026,7 @@ def capture(args: argparse.Namespace) -> int:
         drain_stop_signals()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     LOG.info("stopped by %s after %d ticks", result.stopped_by, result.ticks)
-    print_summary(
+    printed = print_summary(
         {
             "interval_s": args.interval,
             "duration_s": args.duration,
@@ -1012,11 +1036,20 @@ def capture(args: argparse.Namespace) -> int:
             "containers": {rec.name: rec.summary() for rec in recorders},
         }
     )
+    if not printed and result.exit_code == 0:
+        return 1
     return result.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    repeated = sorted({name for name in args.containers
+                       if args.containers.count(name) > 1})
+    if repeated:
+        parser.error(
+            f"container given twice, {', '.join(repeated)}, list each container once"
+        )
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

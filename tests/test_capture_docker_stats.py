@@ -202,12 +202,13 @@ def test_format_row_exact_text_cgroup_v2(v2_stream):
     )
 
 
-def test_format_row_empty_cells_human_dashes(v1_stream):
+def test_format_row_empty_cells_human_text(v1_stream):
+    # Like the CLI: no CPU % yet is "--", no network interface is 0B / 0B.
     values = cds.compute_values(None, v1_stream[2])
     row = cds.format_row("2026-12-04T12:42:47.119Z", "busy", values, human=True)
     assert cds.csv_line(row).decode() == (
         "2026-12-04T12:42:47.119Z,busy,,20070400,25276203008,3,,,0,0,"
-        "--,19.14MiB / 23.54GiB,0.08%,--,0B / 0B\n"
+        "--,19.14MiB / 23.54GiB,0.08%,0B / 0B,0B / 0B\n"
     )
 
 
@@ -504,6 +505,36 @@ def test_unreachable_engine_one_line_error(tmp_path):
     assert not outdir.exists()
 
 
+def test_human_net_io_without_networks_is_zero():
+    values = cds.Values(None, 100, 200, 1, None, None, 0, 0)
+    assert cds.human_cells(values)[3] == "0B / 0B"
+
+
+def test_containers_given_twice_exit_2(tmp_path):
+    outdir = tmp_path / "out"
+    result = run_script(["--containers", "web", "db", "web", "--outdir", str(outdir)])
+    assert result.returncode == 2
+    assert "container given twice, web, list each container once" in result.stderr
+    assert not outdir.exists()
+
+
+def test_duration_fraction_says_whole_seconds():
+    result = run_script(["--containers", "web", "--duration", "0.5"])
+    assert result.returncode == 2
+    assert "give whole seconds such as 300" in result.stderr
+
+
+def test_outdir_that_is_a_file_rejected(tmp_path):
+    outdir = tmp_path / "taken"
+    outdir.write_text("not a folder")
+    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/missing.sock")
+    result = run_script(["--containers", "db", "--outdir", str(outdir)], env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: --outdir is not a folder, {outdir}," \
+        " choose a folder path"
+    assert outdir.read_text() == "not a folder"
+
+
 # ---------------------------------------------------------------- real engine
 
 
@@ -607,6 +638,24 @@ def test_engine_busy_memory_and_pids(engine, containers, tmp_path):
 
     pids = {row[5] for row in data_rows(files[procs])}
     assert pids == {"4"}  # sh and its three sleeps
+
+
+def test_engine_full_stdout_keeps_files(containers, tmp_path):
+    name = containers.start("fullout", "sleep 600")
+    outdir = tmp_path / "out"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--containers", name, "--interval", "1",
+             "--duration", "2", "--outdir", str(outdir)],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot write the summary to stdout (No space left on device); the CSV" \
+        " files are complete" in result.stderr
+    rows = data_rows(csv_files(outdir)[name])
+    assert len(rows) == 2
+    assert_rows_whole(rows)
 
 
 def test_engine_container_exits_mid_run(containers, tmp_path):
