@@ -691,13 +691,15 @@ def read_site_config(cursor: Any, prefix: str) -> SiteConfig:
 
 
 def select_users(
-    cursor: Any, prefix: str, site: SiteConfig, where: str | None, count: int
+    cursor: Any, prefix: str, site: SiteConfig, where: str | None, count: int,
+    verify: bool = True,
 ) -> list[User]:
     """Return the first `count` eligible users by id that also match --where.
 
     The condition is the operator's own SQL, put in parentheses on lines of its own
     so that a trailing `--` comment cannot swallow the rest. Every % is doubled
-    because psycopg2 reads % as a placeholder.
+    because psycopg2 reads % as a placeholder. With verify, a second statement
+    without the condition checks the result (see check_eligible).
     """
     condition = sql.SQL("")
     if where is not None:
@@ -716,7 +718,7 @@ def select_users(
             f" (--where {where!r}); fix the condition"
         ) from None
     users = [User(row[0], row[1]) for row in cursor.fetchall()]
-    if where is not None:
+    if verify and where is not None:
         check_eligible(cursor, prefix, site, users, where)
     return users
 
@@ -809,7 +811,11 @@ def choose_users(
             CONFIG_POLICY_CHECK_ON_LOGIN,
         )
 
-    users = select_users(cursor, args.prefix, site, args.where, args.count)
+    # The update repeats the eligibility test and compares the row count, so only
+    # a dry run, which has no update, needs the separate check. For 100,000 users it
+    # cost 0.8 s.
+    users = select_users(cursor, args.prefix, site, args.where, args.count,
+                         verify=args.dry_run)
     if len(users) < args.count:
         verb = "matches" if len(users) == 1 else "match"
         raise SetPasswordsError(
