@@ -980,8 +980,8 @@ def print_summary(summary: dict[str, Any]) -> bool:
     try:
         print(json.dumps(summary, indent=2), flush=True)
     except OSError as err:
-        # A closed pipe or a full disk: the CSV files are complete, so say so once.
-        # stdout then goes to /dev/null, so that the flush at exit cannot fail again.
+        # A closed pipe or a full disk. The CSV files are complete, and one error line
+        # states it. stdout then goes to /dev/null, so the flush at exit cannot fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         reason = err.strerror or type(err).__name__
         LOG.error(

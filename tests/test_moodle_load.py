@@ -1412,8 +1412,8 @@ def test_footer_single_quotes_and_first_item() -> None:
 
 
 def test_footer_item_with_markup_skipped() -> None:
-    # Moodle prints each figure as plain text; markup inside an item is not its
-    # footer, so that item gives no figure rather than a guessed one.
+    # Moodle prints each figure as plain text. An item with markup inside is not
+    # Moodle's, so it gives no figure rather than a guessed one.
     footer = (b"<div class='performanceinfo'><ul>"
               b"<li class='timeused'>0.5 secs</li>"
               b"<li class='dbqueries'>DB reads/writes: <b>12</b>/3</li></ul></div>")

@@ -782,17 +782,24 @@ def test_dry_run_ignores_unwritable_config_folder(server, db, clean_env):
     assert result.stdout == "3\ttool_generator_000001\n"
 
 
+def run_with_full_stdout(
+    args: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run the script with stdout on /dev/full, where every write fails."""
+    with open("/dev/full", "w") as full:
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), *args],
+            env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+
+
 def test_stdout_full_after_commit(server, db, clean_env, tmp_path):
     config = tmp_path / "config.json"
     before = user_rows(server, db)
     args = [*db_options(server, db), "--password", PASSWORD, "--bcrypt-cost", COST,
             "--count", "1", "--config", str(config)]  # fmt: skip
 
-    with open("/dev/full", "w") as full:
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), *args],
-            env=clean_env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
-        )  # fmt: skip
+    result = run_with_full_stdout(args, clean_env)
 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -809,11 +816,7 @@ def test_stdout_full_in_dry_run(server, db, clean_env, tmp_path):
     args = [*db_options(server, db), "--password", PASSWORD, "--count", "1",
             "--dry-run", "--config", str(tmp_path / "c.json")]  # fmt: skip
 
-    with open("/dev/full", "w") as full:
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), *args],
-            env=clean_env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
-        )  # fmt: skip
+    result = run_with_full_stdout(args, clean_env)
 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
